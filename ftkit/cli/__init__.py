@@ -1,0 +1,95 @@
+"""The ``ftkit`` command line: one module per command group, errors turned into one line here."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ftkit import __version__
+from ftkit.errors import FtkitError
+
+EPILOG = """\b
+Examples:
+  $ ftkit tasks                              # which tasks are installed
+  $ ftkit tasks show emotion                 # one task's labels, data layout, metrics
+  $ ftkit plugins                            # installed plugins, and any that failed to load
+  $ ftkit --debug tasks                      # full traceback when something fails
+
+Plugins add tasks (and commands) through the `ftkit` entry-point group;
+FTKIT_LOAD_PLUGINS=emotion,hc3 narrows which ones load (empty: none).
+"""
+
+
+class FtkitGroup(click.Group):
+    """A group that reports :class:`FtkitError` as one line and adds commands from plugins."""
+
+    _plugin_commands_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugin_commands_added:
+            return
+        self._plugin_commands_added = True
+        from ftkit.plugins import register_plugin_commands
+
+        register_plugin_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
+        debug = ctx.params.get("debug") or os.environ.get("FTKIT_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except FtkitError as error:
+            if debug:
+                raise
+            _print_error(str(error))
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            _print_error("interrupted")
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if debug:
+                raise
+            _print_error(
+                f"internal error: {type(error).__name__}: {error} "
+                "(run again with `ftkit --debug ...` for the traceback, and please report it)"
+            )
+            ctx.exit(1)
+
+
+def _print_error(message: str) -> None:
+    click.secho(f"Error: {message}", fg="red", err=True)
+
+
+@click.group(cls=FtkitGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="ftkit")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """ftkit: fine-tune small open LLMs (QLoRA/LoRA/full) and prove they beat the base model."""
+
+
+# Command modules are light: each imports torch & co. only inside the command that needs them.
+from ftkit.cli.plugins import plugins  # noqa: E402
+from ftkit.cli.tasks import tasks  # noqa: E402
+
+main.add_command(tasks)
+main.add_command(plugins)
+
+
+def run() -> None:  # pragma: no cover - console-script shim
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""emotion: Chinese six-class emotion classification (喜悅 悲傷 憤怒 恐懼 驚訝 厭惡)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ftkit
+from ftkit.errors import DataError
+from ._common import read_records, require_str
+
+LABELS = ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
+INSTRUCTION = "判斷下面這句話表達的情緒，只回答其中一個：" + "、".join(LABELS) + "。"
+
+
+def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+    """Rows ``{"text", "label"}`` from raw rows (``text``/``emotion``) or Alpaca rows (``input``/``output``)."""
+    if path is None:
+        raise DataError("the emotion task has no hub dataset: set `task.train_file` (see `ftkit data synth`)")
+    labels = tuple(options.get("labels") or LABELS)
+    for where, row in read_records(path):
+        if "emotion" in row or "text" in row:
+            text, label = require_str(row, "text", where), require_str(row, "emotion", where)
+        else:
+            text, label = require_str(row, "input", where), require_str(row, "output", where)
+        label = label.strip()
+        if label not in labels:
+            raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
+        yield {"text": text, "label": label}
+
+
+def format_example(row: dict[str, Any]) -> ftkit.Example:
+    return ftkit.Example(input=row["text"], target=row["label"], instruction=INSTRUCTION)
+
+
+def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    from ftkit.metrics import classification_metrics
+
+    return classification_metrics(predictions, references, LABELS)
+
+
+TASK = ftkit.Task(
+    name="emotion",
+    description="Chinese 6-class emotion (喜悅 悲傷 憤怒 恐懼 驚訝 厭惡) of a sentence",
+    kind="classification",
+    labels=LABELS,
+    load=load,
+    format=format_example,
+    metrics=metrics,
+    headline_metric="accuracy",
+    default_head="causal",
+    data_format='JSONL/JSON rows {"text","emotion","intensity","trigger"} or Alpaca {"instruction","input","output"}',
+)
+
+
+@ftkit.hookimpl
+def register_tasks(register):  # noqa: ANN001, ANN201 - signature fixed by the hook spec
+    register(TASK)
