@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -85,11 +84,12 @@ def main(debug: bool) -> None:
 
 # Command modules are light: each imports torch & co. only inside the command that needs them.
 from ftkit.cli.plugins import plugins  # noqa: E402
+from ftkit.cli.run import run as run_command  # noqa: E402
+from ftkit.cli.run import validate  # noqa: E402
 from ftkit.cli.tasks import tasks  # noqa: E402
 
 main.add_command(tasks)
 main.add_command(plugins)
+main.add_command(run_command, "run")
+main.add_command(validate)
 
-
-def run() -> None:  # pragma: no cover - console-script shim
-    sys.exit(main())

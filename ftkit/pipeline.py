@@ -1,0 +1,186 @@
+"""``ftkit run``: one fine-tuning run, top to bottom.
+
+    setup → load data → load model → baseline evaluation → train → evaluation → save
+
+Everything is written into ``<output.dir>.partial`` and renamed into place only at the end, so a
+folder named like the run is always complete; a failure before training removes the partial
+folder, a failure during training leaves it (with its checkpoints) for inspection.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import FtkitError, UsageError
+from ftkit.recipe import Recipe
+from ftkit.tasks import Task
+
+
+class FineTuneRun:
+    """A recipe run: each step a short method, called in order by :meth:`run`."""
+
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> None:
+        from ftkit.plugins import get_task
+
+        self.recipe = recipe
+        self.overwrite = overwrite
+        self.echo = echo
+        self.task: Task = get_task(recipe.task.name)
+        self.head = recipe.train.head if recipe.train.head != "auto" else self.task.default_head
+        self.output = Path(recipe.output.dir)
+        self.work = self.output.with_name(self.output.name + ".partial")
+        self.notes: list[str] = []
+        self.summary: dict[str, Any] = {}
+
+    def run(self) -> Path:
+        self.setup()
+        trained = False
+        try:
+            self.load_data()
+            self.load_model()
+            self.baseline = self.evaluate("base model") if self.recipe.eval.baseline else None
+            trained = True
+            self.train()
+            self.finetuned = self.evaluate("fine-tuned")
+            self.save()
+        except BaseException:
+            if not trained:
+                shutil.rmtree(self.work, ignore_errors=True)
+            else:
+                self.echo(f"Run stopped; partial results and checkpoints are in {self.work}")
+            raise
+        return self.finish()
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        _quiet_libraries()
+        if self.output.exists() and not self.overwrite:
+            raise UsageError(f"output.dir: {self.output} already exists; pass --overwrite or choose another dir")
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        (self.work / "recipe.toml").write_text(self.recipe.to_toml(), encoding="utf-8")
+        self.echo(f"Task {self.task.name} ({self.task.kind}, {self.head} head), method {self.recipe.method.name}")
+
+    def load_data(self) -> None:
+        from ftkit.prepare import load_splits
+
+        self.splits = load_splits(self.task, self.recipe)
+        self.labels = self.splits.labels
+        self.test = self.splits.test
+        if self.recipe.eval.max_examples:
+            self.test = self.test[: self.recipe.eval.max_examples]
+        self.notes += self.splits.notes
+        self.echo(f"Data: {len(self.splits.train)} train / {len(self.test)} test examples")
+
+    def load_model(self) -> None:
+        from ftkit.modeling import count_parameters, load_model, load_tokenizer, resolve_model_path
+
+        if self.recipe.model.trust_remote_code:
+            self.echo("Warning: model.trust_remote_code = true runs Python code shipped with the model")
+        self.model_path = resolve_model_path(self.recipe, self.echo)
+        self.tokenizer = load_tokenizer(self.model_path, self.recipe)
+        self.loaded = load_model(self.model_path, self.recipe, self.head, self.labels, self.tokenizer)
+        for notice in self.loaded.notices:
+            self.echo(f"Notice: {notice}")
+        self.notes += self.loaded.notices
+        self.model = self.loaded.model
+        self.trainable, self.total = count_parameters(self.model)
+        self.echo(f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
+                  f"{self.trainable:,} trainable of {self.total:,} parameters")
+
+    def evaluate(self, name: str) -> dict[str, Any]:
+        from ftkit.evaluator import evaluate
+
+        result = evaluate(self.model, self.tokenizer, self.task, self.test, self.head, self.labels, self.recipe, name)
+        headline = self.task.headline_metric
+        self.echo(f"{name}: {headline} = {result['metrics'].get(headline, float('nan')):.4f}")
+        return result
+
+    def train(self) -> None:
+        from ftkit.training import build_trainer
+
+        trainer = build_trainer(self)
+        start = time.perf_counter()
+        result = trainer.train()
+        self.train_seconds = time.perf_counter() - start
+        self.steps = result.global_step
+        self.log_history = trainer.state.log_history
+        self.echo(f"Trained {self.steps} steps in {self.train_seconds:.1f} s (final loss {result.training_loss:.4f})")
+
+    def save(self) -> None:
+        from ftkit.prepare import file_sha256
+        from ftkit.report import manifest, write_json, write_report
+
+        weights = self.work / ("adapter" if self.loaded.method in ("lora", "qlora") else "model")
+        self.model.save_pretrained(weights, safe_serialization=True)
+        self.tokenizer.save_pretrained(weights)
+        labels = {"head": self.head, "labels": self.labels,
+                  "id2label": dict(enumerate(self.labels)) if self.labels else None}
+        write_json(self.work / "labels.json", labels)
+        self._save_test_split()
+        summary = {
+            "task": self.task.name, "model": self.recipe.model.id, "model_path": str(self.model_path),
+            "method": self.loaded.method, "head": self.head, "device": self.loaded.device,
+            "headline_metric": self.task.headline_metric, "seed": self.recipe.train.seed,
+            "train_examples": len(self.splits.train), "test_examples": len(self.test),
+            "trainable_params": self.trainable, "total_params": self.total, "steps": self.steps,
+            "train_seconds": self.train_seconds, "notes": self.notes,
+            "recipe_path": str(self.recipe.path) if self.recipe.path else "recipe.toml",
+            "baseline": self.baseline, "finetuned": self.finetuned,
+        }
+        write_json(self.work / "metrics.json", {
+            k: summary[k] for k in ("task", "model", "method", "head", "headline_metric", "train_examples",
+                                    "test_examples", "steps", "seed")
+        } | {"baseline": self.baseline["metrics"] if self.baseline else None,
+             "finetuned": self.finetuned["metrics"]})
+        write_report(self.work, summary, self.log_history)
+        hashes = {name: file_sha256(path) for name, path in
+                  (("train_file", self.recipe.task.train_file), ("test_file", self.recipe.task.test_file)) if path}
+        hashes["test_split"] = file_sha256(self.work / "data" / "test.jsonl")
+        write_json(self.work / "manifest.json", manifest(summary, hashes))
+        shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+
+    def _save_test_split(self) -> None:
+        """The exact test examples (to re-evaluate the adapter later) and both models' predictions."""
+        import jsonlines
+
+        (self.work / "data").mkdir(exist_ok=True)
+        examples = [{"input": e.input, "target": e.target, "references": list(e.references),
+                     "instruction": e.instruction, "system": e.system} for e in self.test]
+        baseline = self.baseline["predictions"] if self.baseline else [None] * len(self.test)
+        with jsonlines.open(self.work / "data" / "test.jsonl", "w") as writer:
+            writer.write_all(examples)
+        with jsonlines.open(self.work / "predictions.jsonl", "w") as writer:
+            writer.write_all({"target": e.target, "prediction": p, "baseline_prediction": b}
+                             for e, p, b in zip(self.test, self.finetuned["predictions"], baseline))
+
+    def finish(self) -> Path:
+        """Move the complete run folder into place (replacing the old one only now, if asked)."""
+        if self.output.exists():
+            if not self.overwrite:
+                raise FtkitError(f"{self.output} appeared during the run; results left in {self.work}")
+            shutil.rmtree(self.output)
+        self.work.rename(self.output)
+        self.echo(f"Run folder: {self.output} (report.md, metrics.json, adapter/)")
+        return self.output
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to ftkit's own lines and progress bars: library chatter goes to ERROR.
+
+    transformers prints a load report for every newly initialized head (expected here: the
+    classifier head is new by design) and deprecation warnings about its own internals.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.checkpoint")

@@ -1,0 +1,274 @@
+"""Recipes: TOML files that say what to fine-tune, on what, how, and where the results go.
+
+Validation is strict and complete: every problem is collected and reported together, one
+``section.key: message`` per line; an unknown key is an error with a "did you mean". Paths in a
+recipe are resolved relative to the recipe file, so a recipe runs the same from any directory.
+Each field is documented once, here, in its ``help``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import ConfigError, UsageError
+
+
+def _f(default: Any = MISSING, help: str = "", *, choices: tuple = (), low: float | None = None,
+       high: float | None = None, low_open: bool = False, path: bool = False, kind: type | None = None) -> Any:
+    """A recipe field: its default, what it does, and the checks its value must pass."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "path": path,
+            "kind": kind}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSection:
+    id: str = _f(help="model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, or `ftkit/tiny-qwen2`")
+    source: str = _f("modelscope", "where `id` is fetched from",
+                     choices=("modelscope", "huggingface", "local", "builtin"))
+    revision: str = _f("", "hub revision (branch, tag or commit); empty: the default branch")
+    dtype: str = _f("auto", "weight dtype; auto: float32 on CPU, bfloat16 (else float16) on CUDA",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = _f(False, "run Python code shipped with the model (only for models you trust)")
+
+
+@dataclass
+class TaskSection:
+    name: str = _f(help="task plugin name, see `ftkit tasks`")
+    train_file: str = _f("", "training data file; empty: the task's hub dataset", path=True)
+    test_file: str = _f("", "held-out test file; empty: split `test_size` off the training data", path=True)
+    test_size: float = _f(0.2, "fraction held out for testing when there is no `test_file`", low=0.0, high=0.9,
+                          low_open=True)
+    max_examples: int = _f(0, "sample at most this many examples (stratified, seeded); 0: all", low=0)
+    labels: list = _f([], "label set for classification tasks; empty: the task's default", kind=str)
+    options: dict = _f({}, "task-specific options, see `ftkit tasks show NAME`")
+
+
+@dataclass
+class MethodSection:
+    name: str = _f("lora", "qlora (4-bit base + LoRA), lora, or full fine-tuning", choices=("qlora", "lora", "full"))
+    r: int = _f(8, "LoRA rank", low=1)
+    alpha: int = _f(16, "LoRA alpha (scaling = alpha / r)", low=1)
+    dropout: float = _f(0.05, "LoRA dropout", low=0.0, high=0.9)
+    target_modules: list = _f([], "modules LoRA adapts; empty: peft's default for the architecture", kind=str)
+
+
+@dataclass
+class TrainSection:
+    head: str = _f("auto", "classifier: a sequence-classification head; causal: generate the label/reply; "
+                   "auto: the task's default", choices=("auto", "classifier", "causal"))
+    epochs: float = _f(3.0, "passes over the training data", low=0.0, low_open=True)
+    max_steps: int = _f(-1, "stop after this many optimizer steps; -1: run all epochs", low=-1)
+    lr: float = _f(2e-4, "peak learning rate", low=0.0, low_open=True, high=1.0)
+    batch_size: int = _f(4, "examples per device per step", low=1)
+    grad_accum: int = _f(1, "gradient accumulation steps (effective batch = batch_size x grad_accum)", low=1)
+    warmup: float = _f(0.03, "warm-up: a fraction of all steps if < 1, else a number of steps", low=0.0)
+    scheduler: str = _f("cosine", "learning-rate schedule",
+                        choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
+    max_seq_len: int = _f(256, "truncate examples to this many tokens", low=8)
+    activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory (~20% slower)")
+    seed: int = _f(42, "seed for sampling, splitting, initialization and data order", low=0)
+    logging_steps: int = _f(10, "log the training loss every N steps", low=1)
+    save_steps: int = _f(0, "save a checkpoint every N steps; 0: only at the end", low=0)
+
+
+@dataclass
+class EvalSection:
+    baseline: bool = _f(True, "evaluate the base model too, on the same test split")
+    batch_size: int = _f(16, "evaluation batch size", low=1)
+    max_examples: int = _f(0, "evaluate on at most this many test examples; 0: all", low=0)
+    max_new_tokens: int = _f(64, "generation: longest reply", low=1)
+    do_sample: bool = _f(False, "generation: sample instead of greedy decoding")
+    temperature: float = _f(0.7, "generation: sampling temperature", low=0.0, low_open=True)
+    top_p: float = _f(0.9, "generation: nucleus sampling mass", low=0.0, high=1.0, low_open=True)
+    top_k: int = _f(50, "generation: sample among the top k tokens", low=0)
+    repetition_penalty: float = _f(1.0, "generation: > 1 discourages repeats", low=0.0, low_open=True)
+
+
+@dataclass
+class OutputSection:
+    dir: str = _f(help="run folder to create (refused if it exists, unless --overwrite)", path=True)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; ``path`` is the file it came from (paths are already resolved)."""
+
+    model: ModelSection
+    task: TaskSection
+    method: MethodSection
+    train: TrainSection
+    eval: EvalSection
+    output: OutputSection
+    path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "task": TaskSection, "method": MethodSection,
+    "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+}
+REQUIRED = {"model", "task", "output"}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else f"; known: {', '.join(options)}"
+
+
+# Field annotations are strings under `from __future__ import annotations`.
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _check_value(key: str, spec, value: Any, errors: list[str]) -> Any:
+    """The value converted to the field's type, or None after appending an error."""
+    want = _TYPES[spec.type] if isinstance(spec.type, str) else spec.type
+    meta = spec.metadata
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        errors.append(f"{key}: expected {_type_name(want())}, got {_type_name(value)} {value!r}")
+        return None
+    if want is list and meta["kind"] and not all(isinstance(v, meta["kind"]) for v in value):
+        errors.append(f"{key}: expected a list of strings, got {value!r}")
+        return None
+    if meta["choices"] and value not in meta["choices"]:
+        errors.append(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+        return None
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        bound = f"greater than {low:g}" if meta["low_open"] else f"at least {low:g}"
+        errors.append(f"{key}: must be {bound}, got {value!r}")
+        return None
+    if high is not None and value > high:
+        errors.append(f"{key}: must be at most {high:g}, got {value!r}")
+        return None
+    return value
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a parsed recipe; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    for name in data:
+        if name not in SECTIONS:
+            errors.append(f"{name}: unknown section{_suggest(name, list(SECTIONS))}")
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        raw = data.get(name)
+        if raw is None:
+            if name in REQUIRED:
+                errors.append(f"{name}: missing section [{name}]")
+            raw = {}
+        if not isinstance(raw, dict):
+            errors.append(f"{name}: must be a table [{name}], got {_type_name(raw)}")
+            raw = {}
+        specs = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in specs:
+                errors.append(f"{name}.{key}: unknown key{_suggest(key, list(specs))}")
+                continue
+            checked = _check_value(f"{name}.{key}", specs[key], value, errors)
+            if checked is not None:
+                if specs[key].metadata["path"] and checked and base_dir is not None:
+                    checked = str((base_dir / checked).resolve())
+                values[key] = checked
+        for key, spec in specs.items():
+            required = spec.default is MISSING and spec.default_factory is MISSING
+            if required and key not in values:
+                if name in data and not any(e.startswith(f"{name}.{key}:") for e in errors):
+                    errors.append(f"{name}.{key}: missing; {spec.metadata['help']}")
+                values[key] = ""
+        built[name] = cls(**values)
+    errors += _cross_checks(built, errors)
+    if errors:
+        raise ConfigError(source, errors)
+    return Recipe(**built)
+
+
+def _cross_checks(sections: dict[str, Any], found: list[str]) -> list[str]:
+    """Checks that span keys, and the task's own options (skipping keys already reported)."""
+    from ftkit.plugins import registered_tasks
+
+    errors: list[str] = []
+    tasks = registered_tasks()
+    task_name = sections["task"].name
+    if not task_name or any(e.startswith("task.name:") for e in found):
+        pass
+    elif task_name not in tasks:
+        errors.append(f"task.name: unknown task {task_name!r}{_suggest(task_name, list(tasks))}")
+    else:
+        task = tasks[task_name][0]
+        for key in sections["task"].options:
+            if key not in task.options:
+                known = list(task.options) or ["(this task takes none)"]
+                errors.append(f"task.options.{key}: unknown option for {task_name}{_suggest(key, known)}")
+        if sections["task"].labels and task.kind != "classification":
+            errors.append(f"task.labels: {task_name} is a {task.kind} task; labels are for classification")
+        if sections["train"].head == "classifier" and task.kind != "classification":
+            errors.append(f"train.head: classifier needs a classification task; {task_name} is {task.kind}")
+        if not sections["task"].train_file and not task.hub_dataset:
+            errors.append(f"task.train_file: missing; {task_name} has no hub dataset, so name a data file")
+    if sections["model"].source == "builtin" and sections["model"].id != "ftkit/tiny-qwen2":
+        errors.append("model.id: the only builtin model is `ftkit/tiny-qwen2`")
+    if sections["method"].name == "full" and sections["method"].target_modules:
+        errors.append("method.target_modules: only for lora and qlora; full fine-tuning trains every weight")
+    return errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=2e-5`` -> (["train", "lr"], 2e-05); the value is read as TOML, else taken as a string."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UsageError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set train.lr=2e-5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, override (``--set``) and validate a recipe file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such recipe file (see recipes/ for examples)") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, expected a .toml recipe") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text ({error.reason}); re-save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"{path}: not valid TOML: {error}") from None
+    for override in overrides:
+        (section, key), value = parse_override(override)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise UsageError(f"--set {override!r}: [{section}] is not a table in {path}")
+        table[key] = value
+    recipe = recipe_from_dict(data, str(path), base_dir=path.resolve().parent)
+    recipe.path = path
+    return recipe

@@ -1,0 +1,70 @@
+"""The Hugging Face Trainer, set up for ftkit runs (transformers 5.x arguments)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftkit.pipeline import FineTuneRun
+
+
+def build_features(run: FineTuneRun) -> list[dict]:
+    """Tokenized training features; unpadded (the collator pads each batch to its longest)."""
+    from ftkit.prepare import encode_causal, encode_classifier
+
+    max_len = run.recipe.train.max_seq_len
+    if run.head == "classifier":
+        label_ids = {label: i for i, label in enumerate(run.labels)}
+        return [encode_classifier(run.tokenizer, e, max_len, label_ids) for e in run.splits.train]
+    return [encode_causal(run.tokenizer, e, max_len) for e in run.splits.train]
+
+
+def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
+
+    train = run.recipe.train
+    cuda = torch.cuda.is_available()
+    half = run.loaded.dtype in ("bfloat16", "float16") and cuda
+    args = TrainingArguments(
+        output_dir=str(run.work / "checkpoints"),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        warmup_steps=train.warmup if train.warmup < 1 else int(train.warmup),
+        lr_scheduler_type=train.scheduler,
+        weight_decay=train.weight_decay,
+        activation_checkpointing=train.activation_checkpointing,
+        # Length-grouped batches + per-batch dynamic padding: no padding to max length.
+        train_sampling_strategy="group_by_length",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=half and run.loaded.dtype == "bfloat16",
+        fp16=half and run.loaded.dtype == "float16",
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        report_to="none",  # TensorBoard is added below with the folder we choose
+        disable_tqdm=False,
+    )
+    if run.head == "classifier":
+        collator = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=8 if cuda else None)
+    else:
+        collator = DataCollatorForSeq2Seq(run.tokenizer, padding=True, label_pad_token_id=-100,
+                                          pad_to_multiple_of=8 if cuda else None)
+    writer = SummaryWriter(log_dir=str(run.work / "tensorboard"))
+    return Trainer(
+        model=run.model,
+        args=args,
+        train_dataset=build_features(run),
+        data_collator=collator,
+        processing_class=run.tokenizer,
+        callbacks=[TensorBoardCallback(tb_writer=writer)],
+    )
