@@ -134,15 +134,13 @@ def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None 
     """input_ids = prompt + answer; labels mask the prompt with -100 so only the answer is learned.
 
     Prompt and answer are tokenized apart so the boundary never merges into one token. Too long:
-    the middle of the prompt is cut, keeping its start and its last tokens (the assistant header).
+    the prompt loses its first tokens, keeping the text nearest the answer (the input and the
+    assistant header); the answer keeps at most half of ``max_len``.
     """
     prompt_ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     answer_text = render_answer(tokenizer, example, example.target if answer is None else answer)
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][: max_len // 2]
-    room = max_len - len(answer_ids)
-    if len(prompt_ids) > room:
-        tail = min(8, room // 2)
-        prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail:]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_len - len(answer_ids))):]
     ids = prompt_ids + answer_ids
     return {"input_ids": ids, "attention_mask": [1] * len(ids),
             "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}

@@ -80,6 +80,20 @@ def _print_error(message: str) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """ftkit: fine-tune small open LLMs (QLoRA/LoRA/full) and prove they beat the base model."""
+    _log_to_stderr(debug)
+
+
+def _log_to_stderr(debug: bool) -> None:
+    """ftkit's own log lines (data rows dropped, fallbacks taken) as `Warning: ...` on stderr."""
+    import logging
+
+    log = logging.getLogger("ftkit")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 # Command modules are light: each imports torch & co. only inside the command that needs them.

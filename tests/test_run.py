@@ -1,0 +1,185 @@
+"""`ftkit run` end to end on the built-in tiny model: real CLI subprocesses, real training on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ftkit.cli import main
+from tests.conftest import run_ftkit
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+FIXTURES = ROOT / "tests" / "fixtures"
+QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+TINY = ["--set", 'model.id="ftkit/tiny-qwen2"', "--set", 'model.source="builtin"']
+
+
+def toml_str(path: Path) -> str:
+    return json.dumps(str(path))  # a JSON string is a valid TOML basic string
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> tuple[Path, object]:
+    """The whole offline quickstart, once for this module (about half a minute on 2 CPU cores)."""
+    out = tmp_path_factory.mktemp("runs") / "quickstart"
+    done = run_ftkit("run", str(QUICKSTART), "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe):
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{recipe}: ok (task ")
+
+
+def test_validate_reports_every_error_at_once(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[model]\nid = "x"\nsorce = "local"\n[task]\nname = "emotin"\n[train]\nlr = "fast"\nbatch_size = -1\n'
+        "[trian]\n[output]\ndir = 'runs/x'\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"Error: {bad}: 5 errors",
+        "  trian: unknown section; did you mean `train`?",
+        "  model.sorce: unknown key; did you mean `source`?",
+        "  train.lr: expected a number, got a string 'fast'",
+        "  train.batch_size: must be at least 1, got -1",
+        "  task.name: unknown task 'emotin'; did you mean `emotion`?",
+    ]
+
+
+def test_set_overrides_and_dry_run_prints_the_resolved_recipe():
+    result = CliRunner().invoke(main, ["run", str(QUICKSTART), "--dry-run", "--set", "train.lr=2e-5",
+                                       "--set", 'method.name="qlora"'])
+    assert result.exit_code == 0, result.output
+    assert "lr = 2e-05" in result.output
+    assert 'name = "qlora"' in result.output
+    assert f'train_file = "{ROOT / "ftkit" / "assets" / "emotion_quickstart.jsonl"}"' in result.output
+    bad = CliRunner().invoke(main, ["run", str(QUICKSTART), "--dry-run", "--set", "lr=1"])
+    assert bad.exit_code == 2
+    assert "expected SECTION.KEY=VALUE" in bad.output
+
+
+def test_quickstart_beats_the_base_model_and_leaves_a_complete_run_folder(quickstart_run):
+    out, done = quickstart_run
+    assert not out.with_name(out.name + ".partial").exists()
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+                 "labels.json", "recipe.toml", "metrics.json", "report.md", "loss.png", "confusion_matrix.png",
+                 "manifest.json", "data/test.jsonl", "predictions.jsonl"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["test_examples"] == 120 and metrics["train_examples"] == 480
+    assert metrics["baseline"]["accuracy"] < 0.35  # six classes: the untrained head is near chance
+    assert metrics["finetuned"]["accuracy"] >= metrics["baseline"]["accuracy"] + 0.3
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| accuracy **(headline)** |" in report
+    assert "The fine-tuned model is **better than** the base model on `accuracy`." in report
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["seed"] == 42 and manifest["versions"]["transformers"]
+    assert set(manifest["data_sha256"]) == {"train_file", "test_split"}
+    assert "fine-tuned: accuracy = " in done.stdout
+
+
+def test_saved_adapter_reloads_and_reproduces_the_reported_metrics(quickstart_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ftkit.evaluator import predict_classifier
+    from ftkit.tasks import Example
+    from ftkit.tiny import tiny_model_path
+    from ftkit_plugins.emotion import TASK
+
+    out, _ = quickstart_run
+    labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_path(), num_labels=len(labels), dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base.config.pad_token_id = tokenizer.pad_token_id
+    rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    examples = [Example(input=r["input"], target=r["target"]) for r in rows]
+    predictions = predict_classifier(model, tokenizer, examples, labels, 32, 64, "check")
+    reproduced = TASK.metrics(predictions, [e.references for e in examples])
+    reported = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["finetuned"]
+    assert reproduced["accuracy"] == pytest.approx(reported["accuracy"])
+    assert reproduced["macro_f1"] == pytest.approx(reported["macro_f1"])
+
+
+def test_an_existing_run_folder_is_not_overwritten(quickstart_run):
+    out, _ = quickstart_run
+    before = (out / "metrics.json").read_bytes()
+    again = run_ftkit("run", str(QUICKSTART), "--set", f"output.dir={toml_str(out)}")
+    assert again.returncode == 2
+    assert again.stderr == f"Error: output.dir: {out} already exists; pass --overwrite or choose another dir\n"
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_bad_data_fails_with_file_and_line_and_leaves_no_run_folder(tmp_path):
+    data = tmp_path / "emotion.jsonl"
+    data.write_text('{"text": "今天很開心", "emotion": "喜悅"}\n{"text": "oops"\n', encoding="utf-8")
+    out = tmp_path / "run"
+    done = run_ftkit("run", str(QUICKSTART), "--set", f"task.train_file={toml_str(data)}",
+                     "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"Error: {data}:2: not valid JSON")
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_qlora_4bit_trains_on_cpu_with_a_generative_label(tmp_path):
+    """The real QLoRA path: bitsandbytes NF4 on CPU, LoRA, label-restricted decoding."""
+    out = tmp_path / "qlora"
+    done = run_ftkit("run", str(QUICKSTART), "--set", 'method.name="qlora"', "--set", 'train.head="causal"',
+                     "--set", "train.max_steps=3", "--set", "train.max_seq_len=128", "--set", "eval.max_examples=12",
+                     "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Notice: QLoRA on CPU: bitsandbytes 4-bit NF4 runs here" in done.stdout
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["method"] == "qlora" and metrics["head"] == "causal" and metrics["steps"] == 3
+    labels = {"喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡"}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(predictions) == 12 and {p["prediction"] for p in predictions} <= labels
+
+
+@pytest.mark.parametrize(
+    ("task", "data", "expected"),
+    [
+        ("huanhuan-chat", FIXTURES / "huanhuan.json", {"bleu", "rougeL", "perplexity"}),
+        ("squad-qa", FIXTURES / "squad_v1.json", {"exact_match", "f1", "perplexity"}),
+    ],
+)
+def test_generation_tasks_train_with_masked_prompts_and_report_their_metrics(tmp_path, task, data, expected):
+    out = tmp_path / task
+    recipe = ROOT / "recipes" / f"{task}.toml"
+    done = run_ftkit("run", str(recipe), *TINY, "--set", 'method.name="lora"', "--set", "train.max_steps=4",
+                     "--set", "train.max_seq_len=128", "--set", "eval.max_new_tokens=8",
+                     "--set", f"task.train_file={toml_str(data)}", "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert expected <= set(metrics["finetuned"]) and expected <= set(metrics["baseline"])
+    assert metrics["finetuned"]["perplexity"] > 1.0
+
+
+def test_classifier_head_task_with_dropped_labels_runs(tmp_path):
+    out = tmp_path / "bank"
+    done = run_ftkit("run", str(ROOT / "recipes" / "bank-intent.toml"), *TINY, "--set", "train.max_steps=4",
+                     "--set", 'method.target_modules=["q_proj","v_proj"]', "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNING: " + str(FIXTURES / "bank_intent.jsonl") + ":8: dropped row with label 'investments'" in done.stderr
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["headline_metric"] == "macro_f1" and 0.0 <= metrics["finetuned"]["macro_f1"] <= 1.0
