@@ -1,20 +1,25 @@
-"""Reading data files with errors that name ``file:line``."""
+"""Reading data files with errors that name ``file:line``: public helpers for task plugins."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ftkit.errors import DataError
 
+OnError = Callable[[DataError], None] | None
+Records = Iterator[tuple[str, dict[str, Any]]]
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+
+def iter_jsonl(path: str | Path, on_error: OnError = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, row)`` for each JSON object in a JSONL file (blank lines skipped).
 
     Parsing goes through jsonlines; we feed it lines ourselves because it reports line numbers
     only for invalid lines, and users need ``file:line`` for field errors too. A UTF-8 BOM
-    (common from Windows editors) is accepted.
+    (common from Windows editors) is accepted. With ``on_error``, a bad line is reported to it
+    and skipped instead of raised, so a validator can list every bad line.
     """
     import jsonlines
 
@@ -23,22 +28,94 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
     def lines(handle) -> Iterator[str]:  # noqa: ANN001 - a text file
         nonlocal line_no
-        for line_no, line in enumerate(handle, start=1):  # noqa: B007 - read by the loop below
+        for line_no, line in enumerate(handle, start=1):  # noqa: B007 - read through the closure
             yield line
+
+    def fail(error: DataError) -> None:
+        if on_error is None:
+            raise error
+        on_error(error)
 
     try:
         with path.open(encoding="utf-8-sig") as handle:
-            for row in jsonlines.Reader(lines(handle)).iter(skip_empty=True):
+            reader = jsonlines.Reader(lines(handle))
+            while True:
+                try:
+                    row = reader.read(skip_empty=True)
+                except EOFError:
+                    return
+                except jsonlines.InvalidLineError as error:
+                    fail(DataError(f"{path}:{line_no}: not valid JSON ({_json_reason(error)}); fix or remove the line"))
+                    continue
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                    fail(DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"))
+                    continue
                 yield line_no, row
-    except jsonlines.InvalidLineError as error:
-        raise DataError(f"{path}:{line_no}: not valid JSON ({error.__cause__ or error})") from None
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise DataError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a .jsonl file") from None
+        raise DataError(f"{path}: is a folder, expected a data file") from None
     except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
+        raise DataError(f"{path}: permission denied; check the file's permissions") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}:{line_no + 1}: not UTF-8 text ({error.reason}); re-save the file as UTF-8") from None
+
+
+def _json_reason(error: Exception) -> str:
+    """The decoder's reason with a column in the line (its own line/column count the newline)."""
+    cause = error.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        return f"{cause.msg} at column {cause.pos + 1}"
+    return str(error)
+
+
+def read_records(path: str | Path, on_error: OnError = None) -> Records:
+    """Yield ``(where, record)`` from a .jsonl file or a .json array; ``where`` is ``file:line``/``file[i]``."""
+    path = Path(path)
+    if path.suffix != ".json":
+        for line_no, row in iter_jsonl(path, on_error):
+            yield f"{path}:{line_no}", row
+        return
+    for index, row in enumerate(_json_array(path)):
+        if isinstance(row, dict):
+            yield f"{path}[{index}]", row
+        else:
+            error = DataError(f"{path}[{index}]: expected a JSON object, got {type(row).__name__}")
+            if on_error is None:
+                raise error
+            on_error(error)
+
+
+def read_json(path: Path) -> Any:
+    """A whole JSON document, with ``file:line`` on a syntax error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a data file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; check the file's permissions") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason}); re-save the file as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def _json_array(path: Path) -> list:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    return data
+
+
+def require_str(row: Mapping[str, Any], field: str, where: str) -> str:
+    """``row[field]`` as a non-empty string, or a DataError naming where and which field."""
+    value = row.get(field)
+    if value is None:
+        raise DataError(f"{where}: missing field {field!r}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {field!r} is empty")
+    return value

@@ -35,6 +35,15 @@ Formatter = Callable[[Mapping[str, Any]], "Example"]
 Metrics = Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]
 """``metrics(predictions, references) -> {name: value}``; each reference is a tuple of gold answers."""
 
+Parser = Callable[..., Iterable[Mapping[str, Any]]]
+"""``parse(record, where, **options) -> Iterable[row]``: one raw record to canonical rows, or DataError."""
+
+Reader = Callable[..., Iterable[tuple[str, Mapping[str, Any]]]]
+"""``read(path, on_error=None) -> Iterable[(where, record)]``: raw records of a local file."""
+
+Synthesizer = Callable[..., Iterable[Mapping[str, Any]]]
+"""``synthesize(n, *, seed, **options) -> Iterable[row]``: raw rows the loader accepts."""
+
 
 @dataclass(frozen=True)
 class Example:
@@ -74,6 +83,11 @@ class Task:
         data_format: One line on the file layout the loader accepts, shown by ``tasks show``.
         default_head: ``classifier`` (sequence-classification head) or ``causal`` (generate text).
         options: Task-specific recipe options this task accepts, name -> one-line help.
+        synthesize: Optional; makes raw rows (``ftkit data synth``) for tasks that can.
+        parse: Optional; one raw record of a local file to canonical rows (raising DataError for a
+            bad one), so ``ftkit data validate`` can report every bad row instead of the first.
+        read: Optional; how raw records are read from a local file, for layouts other than JSONL
+            or a JSON array (default: :func:`ftkit.data.read_records`).
     """
 
     name: str
@@ -88,6 +102,9 @@ class Task:
     data_format: str = ""
     default_head: Literal["classifier", "causal"] = "causal"
     options: Mapping[str, str] = field(default_factory=dict)
+    synthesize: Synthesizer | None = None
+    parse: Parser | None = None
+    read: Reader | None = None
 
     def check(self) -> None:
         """Raise :class:`PluginError` naming every way this task breaks the contract."""
@@ -101,6 +118,9 @@ class Task:
         for attr in ("load", "format", "metrics"):
             if not callable(getattr(self, attr)):
                 problems.append(f"`{attr}` must be callable")
+        for attr in ("synthesize", "parse", "read"):
+            if getattr(self, attr) is not None and not callable(getattr(self, attr)):
+                problems.append(f"`{attr}` must be callable or None")
         if self.kind == "classification":
             if not self.labels or len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
                 problems.append("a classification task needs `labels`: two or more distinct names")

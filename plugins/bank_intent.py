@@ -9,23 +9,28 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ._common import read_records, require_str
+from ftkit.data import read_records, require_str
 
 LABELS = ("fraud_risk", "refund", "balance", "card_lost", "other")
 log = logging.getLogger("ftkit")
 
 
+def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """``{"text", "label"}``; a label outside the label set is reported (a warning) and the row dropped."""
+    labels = tuple(options.get("labels") or LABELS)
+    text, label = require_str(record, "text", where), require_str(record, "label", where).strip()
+    if label not in labels:
+        log.warning("%s: dropped row with label %r (not in the label set %s)", where, label, ", ".join(labels))
+        return
+    yield {"text": text, "label": label}
+
+
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"text", "label"}``; rows whose label is outside the label set are reported and dropped."""
+    """Rows ``{"text", "label"}`` from a JSONL file."""
     if path is None:
         raise DataError("the bank-intent task has no hub dataset: set `task.train_file` to a JSONL file")
-    labels = tuple(options.get("labels") or LABELS)
-    for where, row in read_records(path):
-        text, label = require_str(row, "text", where), require_str(row, "label", where).strip()
-        if label not in labels:
-            log.warning("%s: dropped row with label %r (not in the label set %s)", where, label, ", ".join(labels))
-            continue
-        yield {"text": text, "label": label}
+    for where, record in read_records(path):
+        yield from parse(record, where, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -44,6 +49,7 @@ TASK = ftkit.Task(
     kind="classification",
     labels=LABELS,
     load=load,
+    parse=parse,
     format=format_example,
     metrics=metrics,
     headline_metric="macro_f1",

@@ -8,26 +8,31 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ._common import read_records, require_str
+from ftkit.data import read_records, require_str
 
 LABELS = ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
 INSTRUCTION = "判斷下面這句話表達的情緒，只回答其中一個：" + "、".join(LABELS) + "。"
 
 
+def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """A raw row (``text``/``emotion``) or an Alpaca row (``input``/``output``) -> ``{"text", "label"}``."""
+    labels = tuple(options.get("labels") or LABELS)
+    if "emotion" in record or "text" in record:
+        text, label = require_str(record, "text", where), require_str(record, "emotion", where)
+    else:
+        text, label = require_str(record, "input", where), require_str(record, "output", where)
+    label = label.strip()
+    if label not in labels:
+        raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
+    yield {"text": text, "label": label}
+
+
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"text", "label"}`` from raw rows (``text``/``emotion``) or Alpaca rows (``input``/``output``)."""
+    """Rows ``{"text", "label"}`` from a JSONL/JSON file of raw or Alpaca rows."""
     if path is None:
         raise DataError("the emotion task has no hub dataset: set `task.train_file` (see `ftkit data synth`)")
-    labels = tuple(options.get("labels") or LABELS)
-    for where, row in read_records(path):
-        if "emotion" in row or "text" in row:
-            text, label = require_str(row, "text", where), require_str(row, "emotion", where)
-        else:
-            text, label = require_str(row, "input", where), require_str(row, "output", where)
-        label = label.strip()
-        if label not in labels:
-            raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
-        yield {"text": text, "label": label}
+    for where, record in read_records(path):
+        yield from parse(record, where, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -46,6 +51,7 @@ TASK = ftkit.Task(
     kind="classification",
     labels=LABELS,
     load=load,
+    parse=parse,
     format=format_example,
     metrics=metrics,
     headline_metric="accuracy",

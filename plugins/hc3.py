@@ -2,41 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ._common import read_records, require_str
+from ftkit.data import read_records, require_str
 
 LABELS = ("human", "chatgpt")
 HUB = "modelscope:simpleai/HC3-Chinese"
 INSTRUCTION = "Was this answer written by a human or by ChatGPT? Answer human or chatgpt."
 
 
-def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
     """One row ``{"question", "answer", "label"}`` per answer in ``human_answers``/``chatgpt_answers``."""
+    question = require_str(record, "question", where)
+    for field, label in (("human_answers", "human"), ("chatgpt_answers", "chatgpt")):
+        answers = record.get(field)
+        if answers is None:
+            raise DataError(f"{where}: missing field {field!r}")
+        if not isinstance(answers, list):
+            raise DataError(f"{where}: field {field!r} must be a list of strings")
+        for answer in answers:
+            if isinstance(answer, str) and answer.strip():
+                yield {"question": question, "answer": answer.strip(), "label": label}
+
+
+def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+    """Rows from a local JSONL copy, or from the hub (``subset`` option) when path is None."""
     if path is None:
         from ftkit.hub import load_hub_rows
 
-        records = (
-            (f"{HUB}[{i}]", row)
-            for i, row in enumerate(load_hub_rows(HUB, subset=options.get("subset", "all")))
-        )
+        rows = load_hub_rows(HUB, subset=options.get("subset", "all"))
+        records: Iterable[tuple[str, dict[str, Any]]] = ((f"{HUB}[{i}]", row) for i, row in enumerate(rows))
     else:
         records = read_records(path)
-    for where, row in records:
-        question = require_str(row, "question", where)
-        for field, label in (("human_answers", "human"), ("chatgpt_answers", "chatgpt")):
-            answers = row.get(field)
-            if answers is None:
-                raise DataError(f"{where}: missing field {field!r}")
-            if not isinstance(answers, list):
-                raise DataError(f"{where}: field {field!r} must be a list of strings")
-            for answer in answers:
-                if isinstance(answer, str) and answer.strip():
-                    yield {"question": question, "answer": answer.strip(), "label": label}
+    for where, record in records:
+        yield from parse(record, where, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -56,6 +59,7 @@ TASK = ftkit.Task(
     kind="classification",
     labels=LABELS,
     load=load,
+    parse=parse,
     format=format_example,
     metrics=metrics,
     headline_metric="accuracy",

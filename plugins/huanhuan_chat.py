@@ -8,26 +8,30 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ._common import read_records, require_str
+from ftkit.data import read_records, require_str
 
 DEFAULT_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 
 
+def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """``{"instruction", "input", "output", "system"}``; ``input`` may be empty."""
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+    yield {
+        "instruction": require_str(record, "instruction", where),
+        "input": extra,
+        "output": require_str(record, "output", where),
+        "system": options.get("system_prompt", DEFAULT_SYSTEM),
+    }
+
+
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"instruction", "input", "output", "system"}`` from a JSON array (or JSONL)."""
+    """Rows from huanhuan.json (a JSON array) or a JSONL file of the same objects."""
     if path is None:
         raise DataError("the huanhuan-chat task has no hub dataset: set `task.train_file` to huanhuan.json")
-    system = options.get("system_prompt", DEFAULT_SYSTEM)
-    for where, row in read_records(path):
-        extra = row.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
-        yield {
-            "instruction": require_str(row, "instruction", where),
-            "input": extra,
-            "output": require_str(row, "output", where),
-            "system": system,
-        }
+    for where, record in read_records(path):
+        yield from parse(record, where, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -46,6 +50,7 @@ TASK = ftkit.Task(
     description="Role-play chat SFT (甄嬛 replies) with prompt tokens masked",
     kind="generation",
     load=load,
+    parse=parse,
     format=format_example,
     metrics=metrics,
     headline_metric="rougeL",

@@ -9,7 +9,7 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ._common import read_records, require_str
+from ftkit.data import OnError, read_json, read_records, require_str
 
 HUB = "huggingface:rajpurkar/squad"
 INSTRUCTION = "Answer the question with a span copied from the context."
@@ -28,31 +28,47 @@ def _answers(row: dict[str, Any], where: str) -> list[str]:
     return list(texts)
 
 
-def _nested(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    data = json.loads(path.read_text(encoding="utf-8-sig"))
-    for a, article in enumerate(data.get("data", [])):
+def _nested(path: Path, articles: list) -> Iterator[tuple[str, dict[str, Any]]]:
+    for a, article in enumerate(articles):
         for p, paragraph in enumerate(article.get("paragraphs", [])):
             for q, qa in enumerate(paragraph.get("qas", [])):
                 yield f"{path}:data[{a}].paragraphs[{p}].qas[{q}]", {**qa, "context": paragraph.get("context")}
 
 
+def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """``{"id", "context", "question", "answers": [str, ...]}`` from a flat or a nested (qas) record."""
+    yield {
+        "id": str(record.get("id", where)),
+        "context": require_str(record, "context", where),
+        "question": require_str(record, "question", where),
+        "answers": _answers(record, where),
+    }
+
+
+def records(path: str | Path, on_error: OnError = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` from SQuAD v1.1 JSON (``data → paragraphs → qas``) or flat JSONL/JSON."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = read_json(path)
+        if isinstance(data, dict):
+            if not isinstance(data.get("data"), list):
+                raise DataError(f"{path}: expected SQuAD JSON with a 'data' list (data → paragraphs → qas)")
+            yield from _nested(path, data["data"])
+            return
+    yield from read_records(path, on_error)
+
+
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"id", "context", "question", "answers": [str, ...]}`` from SQuAD JSON or flat JSONL."""
+    """Rows from SQuAD JSON or flat JSONL, or from the hub (``split`` option) when path is None."""
     if path is None:
         from ftkit.hub import load_hub_rows
 
-        records = ((f"{HUB}[{i}]", r) for i, r in enumerate(load_hub_rows(HUB, split=options.get("split", "train"))))
-    elif Path(path).suffix == ".json" and Path(path).is_file() and Path(path).read_text(encoding="utf-8-sig").lstrip().startswith("{"):
-        records = _nested(Path(path))
+        rows = load_hub_rows(HUB, split=options.get("split", "train"))
+        source: Iterator[tuple[str, dict[str, Any]]] = ((f"{HUB}[{i}]", r) for i, r in enumerate(rows))
     else:
-        records = read_records(path)
-    for where, row in records:
-        yield {
-            "id": str(row.get("id", where)),
-            "context": require_str(row, "context", where),
-            "question": require_str(row, "question", where),
-            "answers": _answers(row, where),
-        }
+        source = records(path)
+    for where, record in source:
+        yield from parse(record, where, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -73,10 +89,13 @@ TASK = ftkit.Task(
     description="Extractive QA (SQuAD v1.1): answer with a span of the context",
     kind="generation",
     load=load,
+    parse=parse,
+    read=records,
     format=format_example,
     metrics=metrics,
     headline_metric="f1",
     hub_dataset=HUB,
+    options={"split": "hub split to read when no file is given (train or validation)"},
     data_format='SQuAD v1.1 JSON (data → paragraphs → qas) or JSONL {"id","context","question","answers"}',
 )
 

@@ -97,7 +97,7 @@ def test_tasks_table_lists_builtin_tasks():
 def test_tasks_json_is_stable():
     result = CliRunner().invoke(main, ["tasks", "--json"])
     assert result.exit_code == 0
-    data = {t["name"]: t for t in json.loads(result.output)}
+    data = {t["name"]: t for t in json.loads(result.stdout)}
     assert BUILTIN <= set(data)
     assert data["emotion"]["labels"] == ["喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡"]
     assert data["bank-intent"]["headline_metric"] == "macro_f1"
@@ -122,7 +122,7 @@ def test_tasks_show_and_unknown_task():
 def test_plugins_json_lists_builtin_plugins_with_hooks():
     result = CliRunner().invoke(main, ["plugins", "--json"])
     assert result.exit_code == 0
-    data = {p["name"]: p for p in json.loads(result.output)}
+    data = {p["name"]: p for p in json.loads(result.stdout)}
     assert BUILTIN <= set(data)
     assert data["emotion"]["distribution"] == "ftkit"
     assert data["emotion"]["version"] == ftkit.__version__

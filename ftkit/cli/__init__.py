@@ -97,6 +97,7 @@ def _log_to_stderr(debug: bool) -> None:
 
 
 # Command modules are light: each imports torch & co. only inside the command that needs them.
+from ftkit.cli.data import data  # noqa: E402
 from ftkit.cli.plugins import plugins  # noqa: E402
 from ftkit.cli.run import run as run_command  # noqa: E402
 from ftkit.cli.run import validate  # noqa: E402
@@ -106,4 +107,5 @@ main.add_command(tasks)
 main.add_command(plugins)
 main.add_command(run_command, "run")
 main.add_command(validate)
+main.add_command(data)
 
