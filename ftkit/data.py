@@ -10,6 +10,9 @@ from typing import Any
 from ftkit.errors import DataError
 
 OnError = Callable[[DataError], None] | None
+# One example per line is rarely more than a few KB; a line this long is usually a whole JSON array
+# saved as .jsonl, or a binary file, and parsing it would only produce a confusing error later.
+MAX_LINE_CHARS = 4_000_000
 Records = Iterator[tuple[str, dict[str, Any]]]
 
 
@@ -26,10 +29,18 @@ def iter_jsonl(path: str | Path, on_error: OnError = None) -> Iterator[tuple[int
     path = Path(path)
     line_no = 0
 
-    def lines(handle) -> Iterator[str]:  # noqa: ANN001 - a text file
+    def lines(handle) -> Iterator[str]:  # noqa: ANN001 - a binary file
+        # Decoded line by line (not by a text-mode file's chunks) so a bad byte names its own line.
         nonlocal line_no
-        for line_no, line in enumerate(handle, start=1):  # noqa: B007 - read through the closure
-            yield line
+        for line_no, raw in enumerate(handle, start=1):  # noqa: B007 - read through the closure
+            if len(raw) > MAX_LINE_CHARS:
+                raise DataError(f"{path}:{line_no}: line is {len(raw):,} bytes long (limit "
+                                f"{MAX_LINE_CHARS:,}); JSONL needs one JSON object per line")
+            try:
+                yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text ({error.reason}); "
+                                "re-save the file as UTF-8") from None
 
     def fail(error: DataError) -> None:
         if on_error is None:
@@ -37,7 +48,7 @@ def iter_jsonl(path: str | Path, on_error: OnError = None) -> Iterator[tuple[int
         on_error(error)
 
     try:
-        with path.open(encoding="utf-8-sig") as handle:
+        with path.open("rb") as handle:
             reader = jsonlines.Reader(lines(handle))
             while True:
                 try:
@@ -55,17 +66,17 @@ def iter_jsonl(path: str | Path, on_error: OnError = None) -> Iterator[tuple[int
         raise DataError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a data file") from None
+    except NotADirectoryError:
+        raise DataError(f"{path}: a part of this path is a file, not a folder; check the path") from None
     except PermissionError:
         raise DataError(f"{path}: permission denied; check the file's permissions") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}:{line_no + 1}: not UTF-8 text ({error.reason}); re-save the file as UTF-8") from None
 
 
 def _json_reason(error: Exception) -> str:
     """The decoder's reason with a column in the line (its own line/column count the newline)."""
     cause = error.__cause__
     if isinstance(cause, json.JSONDecodeError):
-        return f"{cause.msg} at column {cause.pos + 1}"
+        return f"column {cause.pos + 1}: {cause.msg.removesuffix(' at')}"
     return str(error)
 
 
@@ -94,6 +105,8 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a data file") from None
+    except NotADirectoryError:
+        raise DataError(f"{path}: a part of this path is a file, not a folder; check the path") from None
     except PermissionError:
         raise DataError(f"{path}: permission denied; check the file's permissions") from None
     except UnicodeDecodeError as error:

@@ -33,9 +33,11 @@ class ConfigError(FtkitError):
     def __init__(self, path: str, errors: list[str]) -> None:
         self.path = path
         self.errors = list(errors)
-        lines = "\n".join(f"  {e}" for e in self.errors)
-        noun = "error" if len(self.errors) == 1 else "errors"
-        super().__init__(f"{path}: {len(self.errors)} {noun}\n{lines}")
+        if len(self.errors) == 1:
+            super().__init__(f"{path}: {self.errors[0]}")
+        else:
+            lines = "\n".join(f"  {e}" for e in self.errors)
+            super().__init__(f"{path}: {len(self.errors)} errors\n{lines}")
 
 
 class DataError(FtkitError):

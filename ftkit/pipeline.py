@@ -4,11 +4,13 @@
 
 Everything is written into ``<output.dir>.partial`` and renamed into place only at the end, so a
 folder named like the run is always complete; a failure before training removes the partial
-folder, a failure during training leaves it (with its checkpoints) for inspection.
+folder, a failure during training leaves it with its checkpoints, and ``--resume`` continues from
+the newest complete one (the baseline evaluation is kept, not redone).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -23,11 +25,13 @@ from ftkit.tasks import Task
 class FineTuneRun:
     """A recipe run: each step a short method, called in order by :meth:`run`."""
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
+                 echo: Callable[[str], None] = print) -> None:
         from ftkit.plugins import get_task
 
         self.recipe = recipe
         self.overwrite = overwrite
+        self.resume = resume
         self.echo = echo
         self.task: Task = get_task(recipe.task.name)
         self.head = recipe.train.head if recipe.train.head != "auto" else self.task.default_head
@@ -38,22 +42,31 @@ class FineTuneRun:
 
     def run(self) -> Path:
         self.setup()
-        trained = False
+        training = False
         try:
+            self.find_model()
             self.load_data()
             self.load_model()
-            self.baseline = self.evaluate("base model") if self.recipe.eval.baseline else None
-            trained = True
+            self.baseline = self.evaluate_baseline()
+            training = True
             self.train()
             self.finetuned = self.evaluate("fine-tuned")
             self.save()
-        except BaseException:
-            if not trained:
+        except BaseException as error:
+            if not training and not self.resume:
                 shutil.rmtree(self.work, ignore_errors=True)
-            else:
-                self.echo(f"Run stopped; partial results and checkpoints are in {self.work}")
+            elif training:
+                self._explain_stop(error)
             raise
         return self.finish()
+
+    def _explain_stop(self, error: BaseException) -> None:
+        from ftkit.training import newest_checkpoint
+
+        checkpoint = newest_checkpoint(self.work / "checkpoints")
+        where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved yet (see train.save_steps)"
+        what = "Interrupted" if isinstance(error, KeyboardInterrupt) else "Run stopped"
+        self.echo(f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} --resume")
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -61,11 +74,28 @@ class FineTuneRun:
         _quiet_libraries()
         if self.output.exists() and not self.overwrite:
             raise UsageError(f"output.dir: {self.output} already exists; pass --overwrite or choose another dir")
-        if self.work.exists():
+        recipe_text = self.recipe.to_toml()
+        if self.resume:
+            saved = self.work / "recipe.toml"
+            if not saved.is_file():
+                raise UsageError(f"--resume: no interrupted run in {self.work}; run without --resume")
+            if saved.read_text(encoding="utf-8") != recipe_text:
+                raise UsageError(f"--resume: the recipe differs from the interrupted run's ({saved}); "
+                                 "resume with the same recipe and --set values, or start over with --overwrite")
+        elif self.work.exists():
+            if not self.overwrite:
+                raise UsageError(f"{self.work} holds an interrupted run: continue it with --resume, "
+                                 "or pass --overwrite to start over")
             shutil.rmtree(self.work)
-        self.work.mkdir(parents=True)
-        (self.work / "recipe.toml").write_text(self.recipe.to_toml(), encoding="utf-8")
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "recipe.toml").write_text(recipe_text, encoding="utf-8")
         self.echo(f"Task {self.task.name} ({self.task.kind}, {self.head} head), method {self.recipe.method.name}")
+
+    def find_model(self) -> None:
+        """Resolve the model folder first: a missing model should fail before any data work."""
+        from ftkit.modeling import resolve_model_path
+
+        self.model_path = resolve_model_path(self.recipe, self.echo)
 
     def load_data(self) -> None:
         from ftkit.prepare import load_splits
@@ -79,11 +109,16 @@ class FineTuneRun:
         self.echo(f"Data: {len(self.splits.train)} train / {len(self.test)} test examples")
 
     def load_model(self) -> None:
-        from ftkit.modeling import count_parameters, load_model, load_tokenizer, resolve_model_path
+        from transformers import set_seed
+
+        from ftkit.modeling import count_parameters, load_model, load_tokenizer
+
+        # Seed before the model exists: a new classifier head and the LoRA weights are initialized
+        # at load time, long before the Trainer seeds anything.
+        set_seed(self.recipe.train.seed)
 
         if self.recipe.model.trust_remote_code:
             self.echo("Warning: model.trust_remote_code = true runs Python code shipped with the model")
-        self.model_path = resolve_model_path(self.recipe, self.echo)
         self.tokenizer = load_tokenizer(self.model_path, self.recipe)
         self.loaded = load_model(self.model_path, self.recipe, self.head, self.labels, self.tokenizer)
         for notice in self.loaded.notices:
@@ -94,6 +129,18 @@ class FineTuneRun:
         self.echo(f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
                   f"{self.trainable:,} trainable of {self.total:,} parameters")
 
+    def evaluate_baseline(self) -> dict[str, Any] | None:
+        """The base model's results, saved so a resumed run does not evaluate it again."""
+        if not self.recipe.eval.baseline:
+            return None
+        saved = self.work / "baseline.json"
+        if self.resume and saved.is_file():
+            self.echo("base model: evaluation kept from the interrupted run")
+            return json.loads(saved.read_text(encoding="utf-8"))
+        result = self.evaluate("base model")
+        saved.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+        return result
+
     def evaluate(self, name: str) -> dict[str, Any]:
         from ftkit.evaluator import evaluate
 
@@ -103,11 +150,14 @@ class FineTuneRun:
         return result
 
     def train(self) -> None:
-        from ftkit.training import build_trainer
+        from ftkit.training import build_trainer, newest_checkpoint
 
         trainer = build_trainer(self)
+        checkpoint = newest_checkpoint(self.work / "checkpoints") if self.resume else None
+        if self.resume:
+            self.echo(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint: training from the start")
         start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         self.train_seconds = time.perf_counter() - start
         self.steps = result.global_step
         self.log_history = trainer.state.log_history
@@ -145,6 +195,7 @@ class FineTuneRun:
         hashes["test_split"] = file_sha256(self.work / "data" / "test.jsonl")
         write_json(self.work / "manifest.json", manifest(summary, hashes))
         shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+        (self.work / "baseline.json").unlink(missing_ok=True)
 
     def _save_test_split(self) -> None:
         """The exact test examples (to re-evaluate the adapter later) and both models' predictions."""

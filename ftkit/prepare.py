@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ def load_splits(task: Task, recipe) -> Splits:  # noqa: ANN001 - a Recipe
     classify = task.kind == "classification"
     seed = recipe.train.seed
     train = _stratified_sample(_load(task, section.train_file, options), section.max_examples, seed, classify)
+    if classify:
+        missing = [label for label in labels if label not in {e.target for e in train}]
+        if missing:
+            raise DataError(f"no training examples of label(s) {', '.join(missing)}; add data or set task.labels")
     notes: list[str] = []
     if section.test_file:
         test = _load(task, section.test_file, options)
@@ -94,6 +99,14 @@ def _split(examples: list[Example], test_size: float, seed: int, stratify: bool)
             raise DataError(
                 f"label(s) {', '.join(rare)} have fewer than 2 examples: a stratified split would leave "
                 "them out of train or test; add examples or give task.test_file"
+            )
+    if stratify:
+        classes, n_test = len({e.target for e in examples}), math.ceil(test_size * len(examples))
+        if n_test < classes or len(examples) - n_test < classes:
+            raise DataError(
+                f"task.test_size: a {test_size:.0%} split of {len(examples)} examples gives {n_test} test and "
+                f"{len(examples) - n_test} train examples; each needs at least one of the {classes} classes, "
+                "so change test_size or add data"
             )
     try:
         train, test = train_test_split(

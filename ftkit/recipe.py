@@ -128,7 +128,7 @@ REQUIRED = {"model", "task", "output"}
 
 
 def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f"; did you mean `{close[0]}`?" if close else f"; known: {', '.join(options)}"
 
 
@@ -201,7 +201,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", base_dir: P
                     errors.append(f"{name}.{key}: missing; {spec.metadata['help']}")
                 values[key] = ""
         built[name] = cls(**values)
-    errors += _cross_checks(built, errors)
+    reported = {e.split(":", 1)[0] for e in errors}
+    errors += [e for e in _cross_checks(built, errors) if e.split(":", 1)[0] not in reported]
     if errors:
         raise ConfigError(source, errors)
     return Recipe(**built)

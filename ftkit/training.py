@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ftkit.pipeline import FineTuneRun
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder, or None.
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint whose state file is present and
+    parses is complete; one cut short by a crash (SIGKILL mid-save) is skipped.
+    """
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            try:
+                json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def build_features(run: FineTuneRun) -> list[dict]:
@@ -45,6 +68,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         logging_first_step=True,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,
+        save_total_limit=2,  # the newest two: one may be cut short by a crash
         seed=train.seed,
         data_seed=train.seed,
         bf16=half and run.loaded.dtype == "bfloat16",

@@ -10,6 +10,8 @@ import ftkit
 from ftkit.errors import DataError
 from ftkit.data import read_records, require_str
 
+from .emotion_synth import synthesize
+
 LABELS = ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
 INSTRUCTION = "判斷下面這句話表達的情緒，只回答其中一個：" + "、".join(LABELS) + "。"
 
@@ -52,6 +54,7 @@ TASK = ftkit.Task(
     labels=LABELS,
     load=load,
     parse=parse,
+    synthesize=synthesize,
     format=format_example,
     metrics=metrics,
     headline_metric="accuracy",

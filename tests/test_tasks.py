@@ -118,7 +118,7 @@ def test_data_validate_reports_every_bad_row(tmp_path):
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["errors"] == [
-        f"{bad}:2: not valid JSON (Expecting ',' delimiter at column 17); fix or remove the line",
+        f"{bad}:2: not valid JSON (column 17: Expecting ',' delimiter); fix or remove the line",
         f"{bad}:3: label '怕' is not one of 喜悅, 悲傷",
         f"{bad}:5: missing field 'text'",
         f"{bad}: no examples of label '悲傷'; a model cannot learn it",

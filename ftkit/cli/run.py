@@ -16,13 +16,16 @@ Examples:
   $ ftkit run recipes/emotion.toml --set train.lr=2e-5 --set train.epochs=1
   $ ftkit run recipes/emotion.toml --dry-run          # resolved recipe + memory estimate, no training
   $ ftkit run recipes/emotion.toml --overwrite        # replace an existing run folder
+  $ ftkit run recipes/emotion.toml --set train.save_steps=200   # checkpoints every 200 steps
+  $ ftkit run recipes/emotion.toml --resume           # continue after a crash or Ctrl-C
 """,
 )
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit without training.")
 @click.option("--overwrite", is_flag=True, help="Replace output.dir if it exists (only once the new run is complete).")
-def run(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: bool) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its newest complete checkpoint.")
+def run(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, resume: bool) -> None:
     """Fine-tune as RECIPE says; evaluate base and fine-tuned models on the same test split.
 
     Leaves in output.dir: the adapter (safetensors) and tokenizer, labels.json, recipe.toml,
@@ -37,7 +40,7 @@ def run(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: 
         return
     from ftkit.pipeline import FineTuneRun
 
-    FineTuneRun(recipe, overwrite=overwrite, echo=click.echo).run()
+    FineTuneRun(recipe, overwrite=overwrite, resume=resume, echo=click.echo).run()
 
 
 @click.command(

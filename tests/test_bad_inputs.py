@@ -1,0 +1,197 @@
+"""A corpus of bad inputs: each gives one line naming the file and line (or recipe key) and what to
+do, a non-zero exit, no traceback, and leaves no run folder behind.
+
+Each case writes its files into a temporary folder and runs ``ftkit run`` (or ``validate`` /
+``data validate``) in-process. ``{d}`` in a case stands for that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ftkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_ROW = '{"text": "今天收到禮物，好開心", "emotion": "喜悅"}\n'
+GOOD_EMOTION = "".join(
+    json.dumps({"text": f"第{i}句：{label}的句子", "emotion": label}, ensure_ascii=False) + "\n"
+    for i in range(4) for label in ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
+)
+
+
+def recipe(**sections: str) -> str:
+    """A valid quickstart-like recipe; a section given here replaces the default one."""
+    base = {
+        "model": 'id = "ftkit/tiny-qwen2"\nsource = "builtin"',
+        "task": 'name = "emotion"\ntrain_file = "data.jsonl"',
+        "output": 'dir = "out"',
+    }
+    base.update(sections)
+    return "".join(f"[{name}]\n{body}\n" for name, body in base.items() if body is not None)
+
+
+# (id, files {name: text or bytes}, extra CLI args, expected message)
+CASES = [
+    # --- data files -------------------------------------------------------------------------
+    ("malformed-jsonl", {"data.jsonl": GOOD_ROW + '{"text": "壞掉的行"\n'}, [],
+     "{d}/data.jsonl:2: not valid JSON (column 17: Expecting ',' delimiter); fix or remove the line"),
+    ("truncated-json-object", {"data.jsonl": '{"text": "好", "emotion": "喜\n'}, [],
+     "{d}/data.jsonl:1: not valid JSON (column 28: Invalid control character); fix or remove the line"),
+    ("empty-file", {"data.jsonl": ""}, [],
+     "{d}/data.jsonl: no examples; the file is empty or every row was dropped"),
+    ("blank-lines-only", {"data.jsonl": "\n\n  \n"}, [],
+     "{d}/data.jsonl: no examples; the file is empty or every row was dropped"),
+    ("not-utf8", {"data.jsonl": GOOD_ROW.encode() + '{"text": "caf\xe9", "emotion": "x"}\n'.encode("latin-1")}, [],
+     "{d}/data.jsonl:2: not UTF-8 text (invalid continuation byte); re-save the file as UTF-8"),
+    ("utf16-file", {"data.jsonl": GOOD_ROW.encode("utf-16")}, [],
+     "{d}/data.jsonl:1: not UTF-8 text (invalid start byte); re-save the file as UTF-8"),
+    ("missing-field", {"data.jsonl": GOOD_ROW + '{"emotion": "悲傷"}\n'}, [],
+     "{d}/data.jsonl:2: missing field 'text'"),
+    ("missing-label-field", {"data.jsonl": '{"text": "沒有標籤"}\n'}, [],
+     "{d}/data.jsonl:1: missing field 'emotion'"),
+    ("wrong-type-text", {"data.jsonl": '{"text": 42, "emotion": "喜悅"}\n'}, [],
+     "{d}/data.jsonl:1: field 'text' must be a string, got int"),
+    ("wrong-type-label", {"data.jsonl": '{"text": "好", "emotion": ["喜悅"]}\n'}, [],
+     "{d}/data.jsonl:1: field 'emotion' must be a string, got list"),
+    ("empty-text", {"data.jsonl": '{"text": "   ", "emotion": "喜悅"}\n'}, [],
+     "{d}/data.jsonl:1: field 'text' is empty"),
+    ("label-outside-set", {"data.jsonl": GOOD_ROW + '{"text": "好開心", "emotion": "開心"}\n'}, [],
+     "{d}/data.jsonl:2: label '開心' is not one of 喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡"),
+    ("row-not-an-object", {"data.jsonl": '["今天", "喜悅"]\n'}, [],
+     "{d}/data.jsonl:1: expected a JSON object, got list"),
+    ("huge-line", {"data.jsonl": '{"text": "' + "長" * 1_333_334 + '", "emotion": "喜悅"}\n'}, [],
+     "{d}/data.jsonl:1: line is 4,000,036 bytes long (limit 4,000,000); JSONL needs one JSON object per line"),
+    ("class-missing-from-data", {"data.jsonl": "".join(l for l in GOOD_EMOTION.splitlines(True) if "厭惡" not in l)}, [],
+     "no training examples of label(s) 厭惡; add data or set task.labels"),
+    ("single-example-class", {"data.jsonl": GOOD_EMOTION.replace('"厭惡"', '"喜悅"', 3)}, [],
+     "label(s) 厭惡 have fewer than 2 examples: a stratified split would leave them out of train or test; "
+     "add examples or give task.test_file"),
+    ("too-few-for-split", {"data.jsonl": GOOD_EMOTION}, ["--set", "task.test_size=0.05"],
+     "task.test_size: a 5% split of 24 examples gives 2 test and 22 train examples; each needs at least one "
+     "of the 6 classes, so change test_size or add data"),
+    ("test-equals-train", {"data.jsonl": GOOD_EMOTION}, ["--set", 'task.test_file="data.jsonl"'],
+     "every training example also appears in the test split; use different files"),
+    ("train-file-missing", {}, [], "{d}/data.jsonl: no such file; check the path"),
+    ("train-file-is-folder", {"data.jsonl/x": "x"}, [], "{d}/data.jsonl: is a folder, expected a data file"),
+    ("path-through-a-file", {"data.jsonl": GOOD_EMOTION}, ["--set", 'task.train_file="data.jsonl/more.jsonl"'],
+     "{d}/data.jsonl/more.jsonl: a part of this path is a file, not a folder; check the path"),
+    ("json-array-not-objects", {"data.json": '["a", "b"]'}, ["--set", 'task.train_file="data.json"'],
+     "{d}/data.json[0]: expected a JSON object, got str"),
+    ("json-object-not-array", {"data.json": '{"text": "x"}'}, ["--set", 'task.train_file="data.json"'],
+     "{d}/data.json: expected a JSON array of objects, got dict"),
+    ("broken-json-file", {"data.json": '[{"text": "x",\n  "emotion": }]'}, ["--set", 'task.train_file="data.json"'],
+     "{d}/data.json:2: not valid JSON (Expecting value)"),
+    # --- recipes ----------------------------------------------------------------------------
+    ("unknown-key", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(train="epoch = 3")}, [],
+     "{d}/r.toml: train.epoch: unknown key; did you mean `epochs`?"),
+    ("unknown-section", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(trainer="epochs = 3")}, [],
+     "{d}/r.toml: trainer: unknown section; did you mean `train`?"),
+    ("wrong-type-lr", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(train='lr = "fast"')}, [],
+     "{d}/r.toml: train.lr: expected a number, got a string 'fast'"),
+    ("wrong-type-bool", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(model='id = "x"\nsource = "local"\n'
+                                                                       'trust_remote_code = "yes"')}, [],
+     "{d}/r.toml: model.trust_remote_code: expected a boolean, got a string 'yes'"),
+    ("missing-model-section", {"r.toml": recipe(model=None)}, [], "{d}/r.toml: model: missing section [model]"),
+    ("missing-output-section", {"r.toml": recipe(output=None)}, [], "{d}/r.toml: output: missing section [output]"),
+    ("missing-model-id", {"r.toml": recipe(model='source = "builtin"')}, [],
+     "{d}/r.toml: model.id: missing; model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, "
+     "or `ftkit/tiny-qwen2`"),
+    ("seq-zero", {"r.toml": recipe(train="max_seq_len = 0")}, [], "{d}/r.toml: train.max_seq_len: must be at least 8, got 0"),
+    ("batch-negative", {"r.toml": recipe(train="batch_size = -1")}, [], "{d}/r.toml: train.batch_size: must be at least 1, got -1"),
+    ("epochs-zero", {"r.toml": recipe(train="epochs = 0")}, [], "{d}/r.toml: train.epochs: must be greater than 0, got 0.0"),
+    ("seq-not-int", {"r.toml": recipe(train="max_seq_len = 25.6")}, [],
+     "{d}/r.toml: train.max_seq_len: expected an integer, got a number 25.6"),
+    ("test-size-too-big", {"r.toml": recipe(task='name = "emotion"\ntrain_file = "d.jsonl"\ntest_size = 1.5')}, [],
+     "{d}/r.toml: task.test_size: must be at most 0.9, got 1.5"),
+    ("unknown-method", {"r.toml": recipe(method='name = "qlora4"')}, [],
+     "{d}/r.toml: method.name: 'qlora4' is not one of qlora, lora, full"),
+    ("unknown-task", {"r.toml": recipe(task='name = "emotions"\ntrain_file = "d.jsonl"')}, [],
+     "{d}/r.toml: task.name: unknown task 'emotions'; did you mean `emotion`?"),
+    ("unknown-task-option", {"r.toml": recipe(task='name = "hc3"\noptions = { subsett = "baike" }')}, [],
+     "{d}/r.toml: task.options.subsett: unknown option for hc3; did you mean `subset`?"),
+    ("labels-on-generation-task", {"r.toml": recipe(task='name = "squad-qa"\ntrain_file = "d.json"\nlabels = ["a", "b"]')}, [],
+     "{d}/r.toml: task.labels: squad-qa is a generation task; labels are for classification"),
+    ("classifier-on-generation-task", {"r.toml": recipe(task='name = "squad-qa"\ntrain_file = "d.json"',
+                                                        train='head = "classifier"')}, [],
+     "{d}/r.toml: train.head: classifier needs a classification task; squad-qa is generation"),
+    ("labels-not-strings", {"r.toml": recipe(task='name = "emotion"\ntrain_file = "d.jsonl"\nlabels = [1, 2]')}, [],
+     "{d}/r.toml: task.labels: expected a list of strings, got [1, 2]"),
+    ("target-modules-with-full", {"r.toml": recipe(method='name = "full"\ntarget_modules = ["q_proj"]')}, [],
+     "{d}/r.toml: method.target_modules: only for lora and qlora; full fine-tuning trains every weight"),
+    ("no-data-and-no-hub", {"r.toml": recipe(task='name = "emotion"')}, [],
+     "{d}/r.toml: task.train_file: missing; emotion has no hub dataset, so name a data file"),
+    ("invalid-toml", {"r.toml": '[model]\nid = "x\n'}, [], "{d}/r.toml: not valid TOML: "),
+    ("recipe-missing", {}, [], "{d}/r.toml: no such recipe file (see recipes/ for examples)"),
+    ("recipe-is-folder", {"r.toml/x": ""}, [], "Invalid value for 'RECIPE': File '{d}/r.toml' is a directory."),
+    ("recipe-not-utf8", {"r.toml": b"[model]\nid = \"caf\xe9\"\n"}, [], "{d}/r.toml: not UTF-8 text"),
+    ("set-malformed", {"data.jsonl": GOOD_EMOTION}, ["--set", "lr"],
+     "--set 'lr': expected SECTION.KEY=VALUE, e.g. --set train.lr=2e-5"),
+    ("set-unknown-key", {"data.jsonl": GOOD_EMOTION}, ["--set", "train.lrate=1e-4"],
+     "{d}/r.toml: train.lrate: unknown key; did you mean `lr`?"),
+    ("set-bad-value", {"data.jsonl": GOOD_EMOTION}, ["--set", "train.batch_size=0"],
+     "{d}/r.toml: train.batch_size: must be at least 1, got 0"),
+    ("builtin-other-id", {"r.toml": recipe(model='id = "tiny"\nsource = "builtin"')}, [],
+     "{d}/r.toml: model.id: the only builtin model is `ftkit/tiny-qwen2`"),
+    ("missing-model-path", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(model='id = "no/such/model"\nsource = "local"')}, [],
+     "model.id: {d}/no/such/model is not a model folder (no config.json); check the path"),
+    ("output-dir-exists", {"data.jsonl": GOOD_EMOTION, "out/keep.txt": "a previous run"}, [],
+     "output.dir: {d}/out already exists; pass --overwrite or choose another dir"),
+    ("interrupted-run-present", {"data.jsonl": GOOD_EMOTION, "out.partial/recipe.toml": "x"}, [],
+     "{d}/out.partial holds an interrupted run: continue it with --resume, or pass --overwrite to start over"),
+]
+
+
+def write_files(folder: Path, files: dict[str, str | bytes]) -> None:
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize(("files", "args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(tmp_path, files, args, message):
+    files = dict(files)
+    if "r.toml" not in files and "r.toml/x" not in files and message != "{d}/r.toml: no such recipe file (see recipes/ for examples)":
+        files["r.toml"] = recipe()
+    write_files(tmp_path, files)
+    before = {p for p in tmp_path.rglob("*")}
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), *args])
+    expected = message.format(d=tmp_path)
+    assert result.exit_code in (1, 2), result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 or not lines[0].startswith("Error"), result.output
+    error_line = next(line for line in lines if line.startswith("Error: "))
+    assert expected in error_line, f"\nexpected: {expected}\n     got: {error_line}"
+    assert "Traceback" not in result.output
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert not created, f"left behind: {sorted(map(str, created))}"
+
+
+def test_the_corpus_is_large():
+    assert len(CASES) >= 40
+
+
+def test_bom_prefixed_files_are_accepted(tmp_path):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + GOOD_EMOTION.encode())
+    result = CliRunner().invoke(main, ["data", "validate", "emotion", str(data), "--json"])
+    assert json.loads(result.stdout)["examples"] == 24
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(GOOD_EMOTION, encoding="utf-8")
+    data.chmod(0)
+    (tmp_path / "r.toml").write_text(recipe(), encoding="utf-8")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml")])
+    assert result.exit_code == 1
+    assert f"Error: {data}: permission denied; check the file's permissions" in result.output
