@@ -31,6 +31,33 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def seeded_length_grouped_sampler(lengths: list[int], batch_size: int, seed: int):  # noqa: ANN201
+    """A ``LengthGroupedSampler`` whose order depends only on (seed, epoch).
+
+    transformers' own train sampler draws its permutation from the global torch RNG when an epoch
+    starts. A run resumed mid-epoch restores that RNG only after the skipped batches, so the resumed
+    epoch got a different order and the final weights differed from an uninterrupted run's. The
+    Trainer calls ``set_epoch`` on the sampler every epoch (through accelerate), so seeding from the
+    epoch makes every epoch's order reproducible, resumed or not.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        def __init__(self) -> None:
+            super().__init__(batch_size, lengths=lengths)
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):  # noqa: ANN204
+            self.generator = torch.Generator().manual_seed(seed * 1_000_003 + self.epoch)
+            return super().__iter__()
+
+    return SeededLengthGroupedSampler()
+
+
 def build_features(run: FineTuneRun) -> list[dict]:
     """Tokenized training features; unpadded (the collator pads each batch to its longest)."""
     from ftkit.prepare import encode_causal, encode_classifier
@@ -84,10 +111,19 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         collator = DataCollatorForSeq2Seq(run.tokenizer, padding=True, label_pad_token_id=-100,
                                           pad_to_multiple_of=8 if cuda else None)
     writer = SummaryWriter(log_dir=str(run.work / "tensorboard"))
-    return Trainer(
+    features = build_features(run)
+
+    class FtkitTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            return seeded_length_grouped_sampler(
+                [len(f["input_ids"]) for f in features],
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, train.seed,
+            )
+
+    return FtkitTrainer(
         model=run.model,
         args=args,
-        train_dataset=build_features(run),
+        train_dataset=features,
         data_collator=collator,
         processing_class=run.tokenizer,
         callbacks=[TensorBoardCallback(tb_writer=writer)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -71,7 +72,18 @@ class FtkitGroup(click.Group):
             ctx.exit(1)
 
 
+def _close_progress_bars() -> None:
+    """Close live tqdm bars (the Trainer's), so the error is the last line, not a bar redrawn after it."""
+    if "tqdm" not in sys.modules:  # nothing to close, and no import on the fast path
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _print_error(message: str) -> None:
+    _close_progress_bars()
     click.secho(f"Error: {message}", fg="red", err=True)
 
 
@@ -99,6 +111,7 @@ def _log_to_stderr(debug: bool) -> None:
 # Command modules are light: each imports torch & co. only inside the command that needs them.
 from ftkit.cli.data import data  # noqa: E402
 from ftkit.cli.plugins import plugins  # noqa: E402
+from ftkit.cli.probe import probe  # noqa: E402
 from ftkit.cli.run import run as run_command  # noqa: E402
 from ftkit.cli.run import validate  # noqa: E402
 from ftkit.cli.tasks import tasks  # noqa: E402
@@ -108,4 +121,5 @@ main.add_command(plugins)
 main.add_command(run_command, "run")
 main.add_command(validate)
 main.add_command(data)
+main.add_command(probe)
 
