@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, UsageError
+from ftkit.errors import ConfigError, FtkitError, UsageError
 from ftkit.recipe import Recipe
 from ftkit.tasks import Task
 
@@ -25,13 +25,14 @@ from ftkit.tasks import Task
 class FineTuneRun:
     """A recipe run: each step a short method, called in order by :meth:`run`."""
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, auto_fit: bool = False,
                  echo: Callable[[str], None] = print) -> None:
         from ftkit.plugins import get_task
 
         self.recipe = recipe
         self.overwrite = overwrite
         self.resume = resume
+        self.auto_fit = auto_fit
         self.echo = echo
         self.task: Task = get_task(recipe.task.name)
         self.head = recipe.train.head if recipe.train.head != "auto" else self.task.default_head
@@ -45,6 +46,7 @@ class FineTuneRun:
         training = False
         try:
             self.find_model()
+            self.check_memory()
             self.load_data()
             self.load_model()
             self.baseline = self.evaluate_baseline()
@@ -96,6 +98,41 @@ class FineTuneRun:
         from ftkit.modeling import resolve_model_path
 
         self.model_path = resolve_model_path(self.recipe, self.echo)
+
+    def check_memory(self) -> None:
+        """Estimate the peak GPU memory; refuse a run that will not fit, or shrink it with --auto-fit."""
+        import torch
+
+        from ftkit import fit
+
+        shape = fit.recipe_shape(self.recipe, self.model_path)
+        if shape is None:
+            self.echo("Memory: no estimate for this architecture (the estimator models Llama-style decoders)")
+            return
+        settings = fit.recipe_settings(self.recipe, self.head, len(self.task.labels or ()) or 2)
+        result = fit.estimate(shape, settings)
+        if not torch.cuda.is_available():
+            self.echo(f"Memory: {fit.describe(result)} on a CUDA GPU; this run is on the CPU")
+            return
+        free, _ = torch.cuda.mem_get_info()
+        plan = fit.auto_fit(shape, settings, free)
+        where = f"the {free / 2**30:.1f} GiB free on GPU {torch.cuda.current_device()}"
+        if plan is not None and not plan.changes:
+            self.echo(f"Memory: {fit.describe(result)}; fits {where}")
+            return
+        if plan is None:
+            raise ConfigError(f"train.batch_size: the estimate ({result.total / 1e9:.2f} GB) exceeds {where}, even "
+                              "at batch 1 with activation checkpointing; use method.name = \"qlora\", a shorter "
+                              "train.max_seq_len or a smaller model")
+        if not self.auto_fit:
+            raise ConfigError(f"train.batch_size: the estimate ({result.total / 1e9:.2f} GB) exceeds {where}; "
+                              f"rerun with --auto-fit to set {'; '.join(plan.changes)}")
+        train = self.recipe.train
+        train.batch_size, train.grad_accum = plan.settings.batch, plan.settings.grad_accum
+        train.activation_checkpointing = plan.settings.activation_checkpointing
+        note = f"--auto-fit: {'; '.join(plan.changes)} (estimate {plan.estimate.total / 1e9:.2f} GB)"
+        self.echo(note)
+        self.notes.append(note)
 
     def load_data(self) -> None:
         from ftkit.prepare import load_splits

@@ -37,6 +37,24 @@ def make_distribution(root: Path, dist: str, plugins: dict[str, str]) -> Path:
     return root
 
 
+#: Packages that cost seconds to import: commands that need no model must not load them.
+HEAVY = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "evaluate", "modelscope", "accelerate")
+
+
+def heavy_imports_after(args: list[str]) -> list[str]:
+    """The HEAVY packages in ``sys.modules`` after running ``ftkit ARGS`` in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from ftkit.cli import main\n"
+        f"try:\n    main({args!r}, standalone_mode=False)\n"
+        "except SystemExit:\n    pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [m for m in out.stdout.splitlines()[-1].removeprefix("HEAVY=").split(",") if m]
+
+
 def run_ftkit(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (``python -m ftkit``)."""
     full_env = {**os.environ, **(env or {})}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -13,10 +11,9 @@ from click.testing import CliRunner
 import ftkit
 from ftkit.cli import main
 from ftkit.plugins import registered_tasks
-from tests.conftest import run_ftkit
+from tests.conftest import heavy_imports_after, run_ftkit
 
 BUILTIN = {"emotion", "bank-intent", "hc3", "huanhuan-chat", "squad-qa"}
-HEAVY = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "evaluate", "modelscope", "accelerate")
 
 BROKEN_ON_IMPORT = """
 raise RuntimeError("boom: this plugin is broken")
@@ -132,16 +129,7 @@ def test_plugins_json_lists_builtin_plugins_with_hooks():
 
 @pytest.mark.parametrize("args", [["--help"], ["tasks"], ["tasks", "--json"], ["plugins"], ["tasks", "show", "emotion"]])
 def test_light_commands_import_no_heavy_package(args):
-    code = (
-        "import sys\n"
-        "from ftkit.cli import main\n"
-        f"try:\n    main({args!r}, standalone_mode=False)\n"
-        "except SystemExit:\n    pass\n"
-        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1] == "HEAVY="
+    assert heavy_imports_after(args) == []
 
 
 def test_a_plugin_that_raises_on_import_is_reported_and_skipped(plugin_path):
@@ -210,9 +198,11 @@ def test_plugin_commands_and_one_line_errors(plugin_path):
 
 
 def test_task_contract_rejects_malformed_tasks():
-    from ftkit.errors import PluginError
-    from ftkit_plugins.emotion import TASK
     import dataclasses
+
+    from ftkit_plugins.emotion import TASK
+
+    from ftkit.errors import PluginError
 
     with pytest.raises(PluginError) as raised:
         dataclasses.replace(TASK, name="Bad Name", labels=("only-one",), metrics=None).check()

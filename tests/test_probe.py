@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from importlib.metadata import version
 
@@ -13,8 +12,7 @@ import pytest
 
 from ftkit.errors import UsageError
 from ftkit.probe import GIB, parse_meminfo, parse_memory_size
-from tests.conftest import run_ftkit
-from tests.test_foundation import HEAVY
+from tests.conftest import heavy_imports_after, run_ftkit
 
 # Independent of the code under test: the NVIDIA driver ships nvidia-smi next to NVML.
 HAS_NVIDIA = shutil.which("nvidia-smi") is not None
@@ -108,16 +106,7 @@ def test_probe_without_cuda_says_so_and_what_to_do_instead():
 def test_probe_without_cuda_imports_no_heavy_package(args):
     if HAS_NVIDIA:
         pytest.skip("with an NVIDIA GPU the probe imports torch and bitsandbytes by design")
-    code = (
-        "import sys\n"
-        "from ftkit.cli import main\n"
-        f"try:\n    main({args!r}, standalone_mode=False)\n"
-        "except SystemExit:\n    pass\n"
-        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1] == "HEAVY="
+    assert heavy_imports_after(args) == []
 
 
 def test_bad_gpu_mem_is_one_line_and_exit_2():

@@ -93,13 +93,13 @@ def test_quickstart_beats_the_base_model_and_leaves_a_complete_run_folder(quicks
 
 def test_saved_adapter_reloads_and_reproduces_the_reported_metrics(quickstart_run):
     import torch
+    from ftkit_plugins.emotion import TASK
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ftkit.evaluator import predict_classifier
     from ftkit.tasks import Example
     from ftkit.tiny import tiny_model_path
-    from ftkit_plugins.emotion import TASK
 
     out, _ = quickstart_run
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))["labels"]
@@ -183,3 +183,17 @@ def test_classifier_head_task_with_dropped_labels_runs(tmp_path):
     assert "WARNING: " + str(FIXTURES / "bank_intent.jsonl") + ":8: dropped row with label 'investments'" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["headline_metric"] == "macro_f1" and 0.0 <= metrics["finetuned"]["macro_f1"] <= 1.0
+
+
+def test_hc3_runs_end_to_end_from_its_public_layout(tmp_path):
+    out = tmp_path / "hc3"
+    done = run_ftkit("run", str(ROOT / "recipes" / "hc3.toml"), *TINY, "--set", "train.max_steps=4",
+                     "--set", "train.max_seq_len=96", "--set", "task.test_size=0.3",
+                     "--set", f"task.train_file={toml_str(FIXTURES / 'hc3_sample.jsonl')}",
+                     "--set", f"output.dir={toml_str(out)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["headline_metric"] == "accuracy" and metrics["steps"] == 4
+    labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
+    assert labels["head"] == "classifier" and labels["labels"] == ["human", "chatgpt"]
+    assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and "accuracy" in metrics["baseline"]

@@ -154,6 +154,7 @@ def test_data_split_is_stratified_seeded_and_refuses_to_drop_a_class(tmp_path):
     second = json.loads(runner.invoke(main, [*args, "-o", str(tmp_path / "b")]).stdout)
     assert first["stratified"] and first["train"] == 480 and first["test"] == 120 and first["overlap"] == 0
     assert set(first["test_classes"].values()) == {20}
+    assert {k: v for k, v in second.items() if k != "files"} == {k: v for k, v in first.items() if k != "files"}
     assert (tmp_path / "a" / "test.jsonl").read_bytes() == (tmp_path / "b" / "test.jsonl").read_bytes()
     train_texts = {json.loads(line)["text"] for line in (tmp_path / "a" / "train.jsonl").open(encoding="utf-8")}
     test_texts = {json.loads(line)["text"] for line in (tmp_path / "a" / "test.jsonl").open(encoding="utf-8")}

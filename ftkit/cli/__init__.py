@@ -12,6 +12,10 @@ from ftkit.errors import FtkitError
 
 EPILOG = """\b
 Examples:
+  $ ftkit run recipes/quickstart.toml        # offline: tiny model, CPU, a few minutes
+  $ ftkit estimate --model 1.5B --seq 256 --batch 4   # will it fit? memory part by part
+  $ ftkit probe                              # this machine, and what fits on its GPU
+  $ ftkit run recipes/emotion.toml --dry-run # resolved recipe + memory estimate
   $ ftkit tasks                              # which tasks are installed
   $ ftkit tasks show emotion                 # one task's labels, data layout, metrics
   $ ftkit plugins                            # installed plugins, and any that failed to load
@@ -110,6 +114,7 @@ def _log_to_stderr(debug: bool) -> None:
 
 # Command modules are light: each imports torch & co. only inside the command that needs them.
 from ftkit.cli.data import data  # noqa: E402
+from ftkit.cli.estimate import estimate  # noqa: E402
 from ftkit.cli.plugins import plugins  # noqa: E402
 from ftkit.cli.probe import probe  # noqa: E402
 from ftkit.cli.run import run as run_command  # noqa: E402
@@ -122,4 +127,5 @@ main.add_command(run_command, "run")
 main.add_command(validate)
 main.add_command(data)
 main.add_command(probe)
+main.add_command(estimate)
 

@@ -1,0 +1,82 @@
+"""Will a recipe fit the GPU? The estimator applied to a recipe, and ``--auto-fit``.
+
+Pure Python, so ``ftkit run --dry-run`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ftkit.errors import UsageError
+from ftkit.estimator import DEFAULT_TARGETS, Estimate, Settings, estimate
+from ftkit.model_configs import ModelShape, resolve_shape, shape_from_config
+from ftkit.recipe import Recipe
+
+RECIPE_DTYPES = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def recipe_shape(recipe: Recipe, model_path: Path | None = None) -> ModelShape | None:
+    """The model's shape, from its folder when known, else from the table or the local caches; None
+    when the estimator does not model it (e.g. an encoder) or its config is not here yet."""
+    try:
+        if model_path is not None and (Path(model_path) / "config.json").is_file():
+            return shape_from_config(Path(model_path) / "config.json", name=recipe.model.id)
+        if recipe.model.source == "builtin":
+            from ftkit.tiny import TINY_MODEL_VERSION, tiny_cache_root
+
+            config = tiny_cache_root() / f"tiny-qwen2-{TINY_MODEL_VERSION}" / "config.json"
+            return shape_from_config(config, name=recipe.model.id) if config.is_file() else None
+        return resolve_shape(recipe.model.id)
+    except UsageError:
+        return None
+
+
+def recipe_settings(recipe: Recipe, head: str, num_labels: int) -> Settings:
+    method = recipe.method
+    return Settings(
+        seq=recipe.train.max_seq_len, batch=recipe.train.batch_size, method=method.name, lora_r=method.r,
+        lora_dropout=method.dropout,
+        target_modules=tuple(method.target_modules) or DEFAULT_TARGETS,
+        dtype=RECIPE_DTYPES[recipe.model.dtype], activation_checkpointing=recipe.train.activation_checkpointing,
+        head=head, num_labels=max(num_labels, 1), grad_accum=recipe.train.grad_accum,
+    )
+
+
+@dataclass
+class FitPlan:
+    settings: Settings
+    estimate: Estimate
+    changes: list[str]  # `train.key: old -> new`, empty when the recipe fits as written
+
+
+def auto_fit(shape: ModelShape, settings: Settings, gpu_bytes: int) -> FitPlan | None:
+    """The smallest change that fits ``gpu_bytes``, keeping the effective batch: first a smaller
+    micro-batch with more accumulation, then activation checkpointing too. None if nothing fits."""
+    first = estimate(shape, settings)
+    if first.total <= gpu_bytes:
+        return FitPlan(settings, first, [])
+    effective = settings.batch * settings.grad_accum
+    for checkpointing in sorted({settings.activation_checkpointing, True}):
+        batch = settings.batch
+        while batch >= 1:
+            candidate = replace(settings, batch=batch, grad_accum=-(-effective // batch),
+                                activation_checkpointing=checkpointing)
+            result = estimate(shape, candidate)
+            if result.total <= gpu_bytes:
+                changes = [f"train.{key}: {old} -> {new}" for key, old, new in (
+                    ("batch_size", settings.batch, candidate.batch),
+                    ("grad_accum", settings.grad_accum, candidate.grad_accum),
+                    ("activation_checkpointing", str(settings.activation_checkpointing).lower(),
+                     str(candidate.activation_checkpointing).lower()),
+                ) if old != new]
+                return FitPlan(candidate, result, changes)
+            batch //= 2
+    return None
+
+
+def describe(result: Estimate) -> str:
+    """One line: the peak and its biggest parts."""
+    c = result.components
+    return (f"{c['total'] / 1e9:.2f} GB peak (weights {c['weights'] / 1e9:.2f} GB, activations "
+            f"{(c['activations_layers'] + c['activations_other']) / 1e9:.2f} GB, logits/loss {c['logits_loss'] / 1e9:.2f} GB)")
