@@ -14,10 +14,10 @@ example out).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ftkit.errors import PluginError
@@ -88,6 +88,8 @@ class Task:
             bad one), so ``ftkit data validate`` can report every bad row instead of the first.
         read: Optional; how raw records are read from a local file, for layouts other than JSONL
             or a JSON array (default: :func:`ftkit.data.read_records`).
+        sample_data: Optional; a small file the loader accepts (shipped as package data), which
+            ``ftkit plugins check`` and :mod:`ftkit.testing` use when no data file is given.
     """
 
     name: str
@@ -105,6 +107,7 @@ class Task:
     synthesize: Synthesizer | None = None
     parse: Parser | None = None
     read: Reader | None = None
+    sample_data: str | os.PathLike[str] | None = None
 
     def check(self) -> None:
         """Raise :class:`PluginError` naming every way this task breaks the contract."""
@@ -126,6 +129,8 @@ class Task:
                 problems.append("a classification task needs `labels`: two or more distinct names")
         elif self.labels is not None:
             problems.append("`labels` is only for classification tasks")
+        if self.sample_data is not None and not isinstance(self.sample_data, (str, os.PathLike)):
+            problems.append("`sample_data` must be a path (str or Path) or None")
         if self.default_head not in ("classifier", "causal"):
             problems.append(f"`default_head` {self.default_head!r} must be classifier or causal")
         if self.default_head == "classifier" and self.kind != "classification":

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import ftkit
-from ftkit.errors import DataError
 from ftkit.data import read_records, require_str
+from ftkit.errors import DataError
+from ftkit.tiny import emotion_quickstart_path
 
 from .emotion_synth import synthesize
 
@@ -60,6 +61,7 @@ TASK = ftkit.Task(
     headline_metric="accuracy",
     default_head="causal",
     data_format='JSONL/JSON rows {"text","emotion","intensity","trigger"} or Alpaca {"instruction","input","output"}',
+    sample_data=emotion_quickstart_path(),
 )
 
 

@@ -115,6 +115,7 @@ def _log_to_stderr(debug: bool) -> None:
 # Command modules are light: each imports torch & co. only inside the command that needs them.
 from ftkit.cli.data import data  # noqa: E402
 from ftkit.cli.estimate import estimate  # noqa: E402
+from ftkit.cli.new_task import new_task  # noqa: E402
 from ftkit.cli.plugins import plugins  # noqa: E402
 from ftkit.cli.probe import probe  # noqa: E402
 from ftkit.cli.run import run as run_command  # noqa: E402
@@ -128,4 +129,5 @@ main.add_command(validate)
 main.add_command(data)
 main.add_command(probe)
 main.add_command(estimate)
+main.add_command(new_task)
 

@@ -1,0 +1,1 @@
+"""Files ``ftkit new-task`` copies: ``task/*.tmpl``, with ``{{name}}``-style placeholders filled in."""
