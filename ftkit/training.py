@@ -98,7 +98,10 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         save_total_limit=2,  # the newest two: one may be cut short by a crash
         seed=train.seed,
         data_seed=train.seed,
-        bf16=half and run.loaded.dtype == "bfloat16",
+        # A bf16 model trains in bf16 as loaded, without autocast (peft keeps adapters in fp32 and
+        # casts their inputs): what is kept for backward is then what `ftkit estimate` counts,
+        # not whatever autocast's per-op lists decide. fp16 keeps AMP for its loss scaling.
+        bf16=False,
         fp16=half and run.loaded.dtype == "float16",
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
