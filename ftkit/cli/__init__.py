@@ -121,6 +121,7 @@ from ftkit.cli.probe import probe  # noqa: E402
 from ftkit.cli.run import run as run_command  # noqa: E402
 from ftkit.cli.run import validate  # noqa: E402
 from ftkit.cli.tasks import tasks  # noqa: E402
+from ftkit.cli.use import chat, eval_command, merge, predict  # noqa: E402
 
 main.add_command(tasks)
 main.add_command(plugins)
@@ -129,5 +130,9 @@ main.add_command(validate)
 main.add_command(data)
 main.add_command(probe)
 main.add_command(estimate)
+main.add_command(predict)
+main.add_command(eval_command, "eval")
+main.add_command(chat)
+main.add_command(merge)
 main.add_command(new_task)
 
