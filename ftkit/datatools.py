@@ -17,6 +17,19 @@ from ftkit.errors import DataError, FtkitError, UsageError
 from ftkit.tasks import Example, Task
 
 
+def usual_permissions(root: Path) -> None:
+    """Give ``root`` (and everything under a folder) the permissions the umask would have given.
+
+    mkstemp/mkdtemp make owner-only files and folders, and safetensors writes 0600 files; outputs
+    meant to be shared (a run folder a server reads, a merged model) should not stay that way.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Write rows as JSONL atomically (temp file then rename): never a half-written file."""
     import json
@@ -32,9 +45,7 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
             for row in rows:
                 writer.write(row)
                 count += 1
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        usual_permissions(Path(tmp))  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

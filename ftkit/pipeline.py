@@ -254,8 +254,12 @@ class FineTuneRun:
             if not self.overwrite:
                 raise FtkitError(f"{self.output} appeared during the run; results left in {self.work}")
             shutil.rmtree(self.output)
+        from ftkit.datatools import usual_permissions
+
+        usual_permissions(self.work)  # safetensors writes owner-only files
         self.work.rename(self.output)
-        self.echo(f"Run folder: {self.output} (report.md, metrics.json, adapter/)")
+        weights = "adapter/" if (self.output / "adapter").is_dir() else "model/"
+        self.echo(f"Run folder: {self.output} (report.md, metrics.json, {weights})")
         return self.output
 
 

@@ -12,7 +12,6 @@ merged model cannot stay 4-bit, so it loads the base unquantized in the compute 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.data import read_json, read_records, require_str
+from ftkit.datatools import usual_permissions
 from ftkit.errors import DataError, ModelError, UsageError
 from ftkit.recipe import Recipe
 from ftkit.tasks import Example, Task
@@ -473,13 +473,8 @@ def merge(run: RunFolder, out: str | Path, *, overwrite: bool = False, dtype: st
         pickled = [p.name for p in work.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickled:
             raise ModelError(f"merge wrote pickle files ({', '.join(pickled)}); expected safetensors only")
-        # mkdtemp makes a 0700 folder and safetensors writes 0600 files: give the usual permissions,
-        # so the user a server runs as can read the model.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(work, 0o777 & ~umask)
-        for path in work.iterdir():
-            os.chmod(path, 0o666 & ~umask)
+        # So the user a server runs as can read the model.
+        usual_permissions(work)
         _move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,14 @@ def test_hc3_runs_end_to_end_from_its_public_layout(tmp_path):
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
     assert labels["head"] == "classifier" and labels["labels"] == ["human", "chatgpt"]
     assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and "accuracy" in metrics["baseline"]
+
+
+def test_run_folder_files_get_the_usual_permissions(quickstart_run):
+    out, done = quickstart_run
+    umask = os.umask(0)
+    os.umask(umask)
+    # safetensors and temp folders write owner-only files; a server's user must be able to read them.
+    for path in (out / "adapter" / "adapter_model.safetensors", out / "metrics.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert done.stdout.rstrip().endswith(f"Run folder: {out} (report.md, metrics.json, adapter/)")
