@@ -41,9 +41,20 @@ BENCH_VOCAB = 8192
 BATCH = 2
 
 
+def with_lora(model, settings: Settings):  # noqa: ANN001, ANN201
+    """``model`` with ftkit's LoRA adapters for ``settings`` (unchanged for full fine-tuning)."""
+    if settings.method not in ("lora", "qlora"):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
+                                            lora_dropout=settings.lora_dropout,
+                                            target_modules=list(settings.target_modules), task_type="CAUSAL_LM"))
+
+
 def build(shape: ModelShape, layers: int, settings: Settings):  # noqa: ANN201
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -64,10 +75,7 @@ def build(shape: ModelShape, layers: int, settings: Settings):  # noqa: ANN201
     if settings.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
-    if settings.method in ("lora", "qlora"):
-        model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
-                                                 lora_dropout=settings.lora_dropout,
-                                                 target_modules=list(settings.target_modules), task_type="CAUSAL_LM"))
+    model = with_lora(model, settings)
     model.train()
     return model
 
@@ -132,7 +140,7 @@ def grid(quick: bool) -> list[tuple[ModelShape, Settings]]:
 def cuda_peak(shape: ModelShape, settings: Settings, steps: int = 3) -> int:
     """torch.cuda.max_memory_allocated over real training steps of the full-depth model (CUDA only)."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -157,10 +165,7 @@ def cuda_peak(shape: ModelShape, settings: Settings, steps: int = 3) -> int:
         if settings.activation_checkpointing:
             model.activation_checkpointing_enable()
             model.enable_input_require_grads()
-    if settings.method in ("lora", "qlora"):
-        model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
-                                                 lora_dropout=settings.lora_dropout,
-                                                 target_modules=list(settings.target_modules), task_type="CAUSAL_LM"))
+    model = with_lora(model, settings)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, shape.vocab_size, (settings.batch, settings.seq), device="cuda")
