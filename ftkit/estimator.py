@@ -15,6 +15,10 @@ Pure Python (no torch): ``ftkit estimate`` answers in milliseconds. Two activati
 ftkit trains bf16/fp16 models in their own dtype without autocast (adapters fp32, as peft keeps
 them), so what is saved does not depend on autocast's op lists. Every term is a :class:`Term` with its
 formula, so ``--explain`` can show the arithmetic.
+
+Everything is per device. Data parallelism (``gpus`` > 1, DDP as torchrun/accelerate run it) keeps a
+whole copy of the model, its gradients, optimizer states and its micro-batch's activations on every
+device, plus DDP's all-reduce buckets: one more copy of the trainable parameters' gradients.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ ALLOCATOR_SLACK = 0.05
 
 @dataclass(frozen=True)
 class Settings:
-    """What the run does (ftkit's recipe defaults where it has them)."""
+    """What the run does (ftkit's recipe defaults where it has them); ``batch`` is per device."""
 
     seq: int
     batch: int = 1
@@ -63,10 +67,11 @@ class Settings:
     padded: bool = True  # dynamic padding leaves pad tokens in most batches: SDPA then repeats K/V
     device: str = "cuda"  # "cpu" only to compare with CPU measurements (dropout masks are fp32 there)
     formula: str = "ftkit"
+    gpus: int = 1  # data-parallel processes (DDP), one device each
 
     def __post_init__(self) -> None:
         for name, value in (("seq", self.seq), ("batch", self.batch), ("lora_r", self.lora_r),
-                            ("grad_accum", self.grad_accum), ("num_labels", self.num_labels)):
+                            ("grad_accum", self.grad_accum), ("num_labels", self.num_labels), ("gpus", self.gpus)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not a positive whole number")
         for name, value, allowed in (("method", self.method, METHODS), ("dtype", self.dtype, tuple(DTYPE_BYTES)),
@@ -80,6 +85,11 @@ class Settings:
         if unknown or not self.target_modules:
             raise UsageError(f"--target-modules: {', '.join(unknown) or 'none given'}; choose from "
                              f"{', '.join(ALL_LINEAR)} or all-linear")
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step over all devices: batch x gradient accumulation x GPUs."""
+        return self.batch * self.grad_accum * self.gpus
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,8 @@ class Estimate:
                 "overhead": terms(self.overhead),
             },
             "peak_phase": self.peak_phase,
+            "per_device": True,
+            "effective_batch": self.settings.effective_batch,
             "notes": self.notes,
         }
 
@@ -258,6 +270,12 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
                      f"{dynamic:,} B that come and go")]
     if s.device == "cuda":
         overhead.append(Term("CUDA context", CUDA_CONTEXT_BYTES, "cuBLAS/cuDNN handles and kernels (typical)"))
+    if s.gpus > 1:
+        # DDP copies gradients into flat buckets to all-reduce them; the buckets live as long as
+        # the model, so they add to every phase of the step.
+        overhead.append(Term("DDP gradient buckets", trainable * grad_bytes,
+                             f"{trainable:,} trainable × {grad_bytes} B (all-reduce buffers, on each of "
+                             f"{s.gpus} devices)"))
     total = phases[peak_phase] + sum(x.bytes for x in overhead)
     return Estimate(
         shape=shape, settings=s, params_total=total_params, params_trainable=trainable, weights=weights,

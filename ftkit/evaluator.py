@@ -6,6 +6,9 @@ Examples are sorted by length before batching (less padding), and results put ba
   scored by its log-likelihood after the prompt and the best one wins (the model can only answer
   with a label);
 - generation: batched ``generate`` with left padding, plus perplexity of the gold answers.
+
+With several processes (torchrun) each rank evaluates every world_size-th example; the predictions
+(and perplexity sums) are gathered from all ranks and put back in order before the metrics.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ftkit import distributed
 from ftkit.prepare import IGNORE_INDEX, encode_causal, render_prompt
 from ftkit.tasks import Example, Task
 
 
 def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int], desc: str):  # noqa: ANN202
-    """Yield (indices, items) batches, longest first; a progress bar on a terminal."""
+    """Yield (indices, items) batches, longest first; a progress bar on a terminal (rank 0's only)."""
     from tqdm.auto import tqdm
 
     order = sorted(range(len(items)), key=lambda i: -key(items[i]))
     starts = range(0, len(order), size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=None, leave=False):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None if distributed.is_main() else True, leave=False):
         chunk = order[start:start + size]
         yield chunk, [items[i] for i in chunk]
 
@@ -96,8 +100,9 @@ def predict_label_scores(model, tokenizer, examples: list[Example], labels: list
     return [labels[j] for j in scores.argmax(-1).tolist()]
 
 
-def perplexity(model, tokenizer, examples: list[Example], batch_size: int, max_len: int, desc: str) -> float:  # noqa: ANN001
-    """exp(mean NLL per answer token) of the gold answers after their prompts."""
+def answer_nll(model, tokenizer, examples: list[Example], batch_size: int, max_len: int,  # noqa: ANN001
+               desc: str) -> tuple[float, int]:
+    """Summed NLL of the gold answers after their prompts, and their token count."""
     import torch
 
     features = [encode_causal(tokenizer, e, max_len) for e in examples]
@@ -106,6 +111,12 @@ def perplexity(model, tokenizer, examples: list[Example], batch_size: int, max_l
         for _, feats in _batches(features, batch_size, lambda f: len(f["input_ids"]), desc):
             nll, n = _sequence_nll(model, _pad(tokenizer, feats, _device(model)))
             total, count = total + nll.sum().item(), count + int(n.sum().item())
+    return total, count
+
+
+def perplexity(model, tokenizer, examples: list[Example], batch_size: int, max_len: int, desc: str) -> float:  # noqa: ANN001
+    """exp(mean NLL per answer token) of the gold answers after their prompts."""
+    total, count = answer_nll(model, tokenizer, examples, batch_size, max_len, desc)
     return math.exp(total / max(count, 1))
 
 
@@ -138,21 +149,33 @@ def generate(model, tokenizer, examples: list[Example], settings, batch_size: in
 
 def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, labels: list[str] | None,  # noqa: ANN001
              recipe, name: str) -> dict[str, Any]:
-    """Predictions and the task's metrics (plus perplexity for generation) on ``examples``."""
+    """Predictions and the task's metrics (plus perplexity for generation) on ``examples``.
+
+    Under several processes every rank must call this: each predicts its shard, all are gathered.
+    """
     was_training = model.training
     model.eval()
     batch, max_len = recipe.eval.batch_size, recipe.train.max_seq_len
     desc = f"evaluating {name}"
-    try:
+    mine = distributed.shard(examples)
+
+    def predict() -> tuple[list[str], tuple[float, int] | None]:
         if head == "classifier":
-            predictions = predict_classifier(model, tokenizer, examples, labels, batch, max_len, desc)
+            predictions = predict_classifier(model, tokenizer, mine, labels, batch, max_len, desc)
         elif task.kind == "classification":
-            predictions = predict_label_scores(model, tokenizer, examples, labels, batch, max_len, desc)
+            predictions = predict_label_scores(model, tokenizer, mine, labels, batch, max_len, desc)
         else:
-            predictions = generate(model, tokenizer, examples, recipe.eval, batch, max_len, desc)
-        metrics = task.metrics(predictions, [e.references for e in examples])
-        if task.kind == "generation":
-            metrics["perplexity"] = perplexity(model, tokenizer, examples, batch, max_len, desc)
+            predictions = generate(model, tokenizer, mine, recipe.eval, batch, max_len, desc)
+        nll = answer_nll(model, tokenizer, mine, batch, max_len, desc) if task.kind == "generation" else None
+        return predictions, nll
+
+    try:
+        shards = distributed.all_gather(distributed.together(predict))
     finally:
         model.train(was_training)
+    predictions = distributed.unshard([shard for shard, _ in shards])
+    metrics = distributed.together(lambda: task.metrics(predictions, [e.references for e in examples]))
+    if task.kind == "generation":
+        total, count = (sum(values) for values in zip(*(nll for _, nll in shards)))
+        metrics["perplexity"] = math.exp(total / max(count, 1))
     return {"metrics": metrics, "predictions": predictions}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ftkit.errors import UsageError
+from ftkit.errors import ConfigError, UsageError
 from ftkit.estimator import DEFAULT_TARGETS, Estimate, Settings, estimate
 from ftkit.model_configs import ModelShape, resolve_shape, shape_from_config
 from ftkit.recipe import Recipe
@@ -32,14 +32,15 @@ def recipe_shape(recipe: Recipe, model_path: Path | None = None) -> ModelShape |
         return None
 
 
-def recipe_settings(recipe: Recipe, head: str, num_labels: int) -> Settings:
+def recipe_settings(recipe: Recipe, head: str, num_labels: int, gpus: int = 1) -> Settings:
+    """The estimator's settings for a recipe; ``gpus``: the data-parallel processes (per-device estimate)."""
     method = recipe.method
     return Settings(
         seq=recipe.train.max_seq_len, batch=recipe.train.batch_size, method=method.name, lora_r=method.r,
         lora_dropout=method.dropout,
         target_modules=tuple(method.target_modules) or DEFAULT_TARGETS,
         dtype=RECIPE_DTYPES[recipe.model.dtype], activation_checkpointing=recipe.train.activation_checkpointing,
-        head=head, num_labels=max(num_labels, 1), grad_accum=recipe.train.grad_accum,
+        head=head, num_labels=max(num_labels, 1), grad_accum=recipe.train.grad_accum, gpus=gpus,
     )
 
 
@@ -73,6 +74,26 @@ def auto_fit(shape: ModelShape, settings: Settings, gpu_bytes: int) -> FitPlan |
                 return FitPlan(candidate, result, changes)
             batch //= 2
     return None
+
+
+def check_fit(shape: ModelShape, settings: Settings, free: int, where: str, *, allow_changes: bool,
+              recipe_path: str = "recipe") -> FitPlan:
+    """The plan a run goes ahead with on a GPU with ``free`` bytes, or a one-line ConfigError.
+
+    Without ``allow_changes`` (--auto-fit) a run that will not fit is refused, naming the changes
+    --auto-fit would make.
+    """
+    plan = auto_fit(shape, settings, free)
+    total = estimate(shape, settings).total / 1e9
+    if plan is None:
+        raise ConfigError(recipe_path, [
+            f"train.batch_size: the estimate ({total:.2f} GB) exceeds {where}, even at batch 1 with activation "
+            'checkpointing; use method.name = "qlora", a shorter train.max_seq_len or a smaller model'])
+    if plan.changes and not allow_changes:
+        raise ConfigError(recipe_path, [
+            f"train.batch_size: the estimate ({total:.2f} GB) exceeds {where}; rerun with --auto-fit to set "
+            f"{'; '.join(plan.changes)}"])
+    return plan
 
 
 def describe(result: Estimate) -> str:

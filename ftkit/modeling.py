@@ -117,9 +117,13 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+        # The 4-bit weights are placed at load time and cannot be moved later: each rank's copy goes
+        # to its own GPU (LOCAL_RANK, set by torchrun/accelerate), never all of them to GPU 0.
+        from ftkit.distributed import local_rank
+
         try:
             model = auto_class.from_pretrained(path, quantization_config=quant,
-                                               device_map={"": 0} if cuda else None, **kwargs)
+                                               device_map={"": local_rank()} if cuda else None, **kwargs)
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
@@ -133,6 +137,12 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
                            "falling back to LoRA on unquantized weights")
             method, model = "lora", None
     if model is None:
+        if cuda:
+            # Straight onto this rank's GPU: the baseline evaluation runs before the Trainer (which
+            # would move it) exists, and on the CPU it would take hours for a real model.
+            from ftkit.distributed import local_rank
+
+            kwargs["device_map"] = {"": local_rank()}
         try:
             model = auto_class.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as error:

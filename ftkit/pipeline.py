@@ -6,10 +6,14 @@ Everything is written into ``<output.dir>.partial`` and renamed into place only 
 folder named like the run is always complete; a failure before training removes the partial
 folder, a failure during training leaves it with its checkpoints, and ``--resume`` continues from
 the newest complete one (the baseline evaluation is kept, not redone).
+
+Under torchrun or ``accelerate launch`` (see docs/distributed.md) every rank runs every step, but
+only rank 0 prints and touches the run folder; :mod:`ftkit.distributed` says who does what.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftkit import distributed
 from ftkit.errors import ConfigError, FtkitError, UsageError
 from ftkit.recipe import Recipe
 from ftkit.tasks import Task
@@ -33,7 +38,8 @@ class FineTuneRun:
         self.overwrite = overwrite
         self.resume = resume
         self.auto_fit = auto_fit
-        self.echo = echo
+        self.echo = echo if distributed.is_main() else _silent
+        self.world_size = distributed.world_size()
         self.task: Task = get_task(recipe.task.name)
         self.head = recipe.train.head if recipe.train.head != "auto" else self.task.default_head
         self.output = Path(recipe.output.dir)
@@ -42,25 +48,30 @@ class FineTuneRun:
         self.summary: dict[str, Any] = {}
 
     def run(self) -> Path:
-        self.setup()
+        distributed.init()
+        _quiet_libraries()
+        distributed.on_main(self.setup)
         training = False
         try:
-            self.find_model()
-            self.check_memory()
-            self.load_data()
-            self.load_model()
+            distributed.main_first(self.find_model)
+            self.gpu_free = _least_free_gpu_memory()
+            distributed.together(self.check_memory)
+            distributed.main_first(self.load_data)
+            distributed.together(self.load_model)
             self.baseline = self.evaluate_baseline()
             training = True
             self.train()
             self.finetuned = self.evaluate("fine-tuned")
-            self.save()
+            distributed.on_main(self.save)
         except BaseException as error:
-            if not training and not self.resume:
+            if distributed.is_main() and not training and not self.resume:
                 shutil.rmtree(self.work, ignore_errors=True)
             elif training:
                 self._explain_stop(error)
             raise
-        return self.finish()
+        output = distributed.on_main(self.finish)
+        distributed.shutdown()
+        return output or self.output
 
     def _explain_stop(self, error: BaseException) -> None:
         from ftkit.training import newest_checkpoint
@@ -68,12 +79,17 @@ class FineTuneRun:
         checkpoint = newest_checkpoint(self.work / "checkpoints")
         where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved yet (see train.save_steps)"
         what = "Interrupted" if isinstance(error, KeyboardInterrupt) else "Run stopped"
-        self.echo(f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} --resume")
+        same = f" (with the same {self.world_size} processes)" if self.world_size > 1 else ""
+        self.echo(f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} --resume{same}")
 
     # -- steps -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        _quiet_libraries()
+        """Check the run folders and create ``.partial`` (rank 0 only: the others never make folders)."""
+        if self.recipe.train.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(str(self.recipe.path or "recipe"), [(
+                "train.deepspeed: the deepspeed package is not installed here; `pip install deepspeed`, "
+                "or remove train.deepspeed")])
         if self.output.exists() and not self.overwrite:
             raise UsageError(f"output.dir: {self.output} already exists; pass --overwrite or choose another dir")
         recipe_text = self.recipe.to_toml()
@@ -100,7 +116,11 @@ class FineTuneRun:
         self.model_path = resolve_model_path(self.recipe, self.echo)
 
     def check_memory(self) -> None:
-        """Estimate the peak GPU memory; refuse a run that will not fit, or shrink it with --auto-fit."""
+        """Estimate the peak GPU memory; refuse a run that will not fit, or shrink it with --auto-fit.
+
+        With several processes the estimate is per device (DDP adds its gradient buckets) and is
+        checked against the GPU with the least free memory, so every rank makes the same choice.
+        """
         import torch
 
         from ftkit import fit
@@ -109,24 +129,21 @@ class FineTuneRun:
         if shape is None:
             self.echo("Memory: no estimate for this architecture (the estimator models Llama-style decoders)")
             return
-        settings = fit.recipe_settings(self.recipe, self.head, len(self.task.labels or ()) or 2)
+        settings = fit.recipe_settings(self.recipe, self.head, len(self.task.labels or ()) or 2,
+                                       gpus=self.world_size)
         result = fit.estimate(shape, settings)
-        if not torch.cuda.is_available():
-            self.echo(f"Memory: {fit.describe(result)} on a CUDA GPU; this run is on the CPU")
+        per = " per device" if self.world_size > 1 else ""
+        if self.gpu_free is None:
+            self.echo(f"Memory: {fit.describe(result)}{per} on a CUDA GPU; this run is on the CPU")
             return
-        free, _ = torch.cuda.mem_get_info()
-        plan = fit.auto_fit(shape, settings, free)
-        where = f"the {free / 2**30:.1f} GiB free on GPU {torch.cuda.current_device()}"
-        if plan is not None and not plan.changes:
-            self.echo(f"Memory: {fit.describe(result)}; fits {where}")
+        free = self.gpu_free
+        where = (f"the {free / 2**30:.1f} GiB free on GPU {torch.cuda.current_device()}" if self.world_size == 1
+                 else f"the {free / 2**30:.1f} GiB free on the fullest of the {self.world_size} GPUs")
+        plan = fit.check_fit(shape, settings, free, where, allow_changes=self.auto_fit,
+                             recipe_path=str(self.recipe.path or "recipe"))
+        if not plan.changes:
+            self.echo(f"Memory: {fit.describe(result)}{per}; fits {where}")
             return
-        if plan is None:
-            raise ConfigError(f"train.batch_size: the estimate ({result.total / 1e9:.2f} GB) exceeds {where}, even "
-                              "at batch 1 with activation checkpointing; use method.name = \"qlora\", a shorter "
-                              "train.max_seq_len or a smaller model")
-        if not self.auto_fit:
-            raise ConfigError(f"train.batch_size: the estimate ({result.total / 1e9:.2f} GB) exceeds {where}; "
-                              f"rerun with --auto-fit to set {'; '.join(plan.changes)}")
         train = self.recipe.train
         train.batch_size, train.grad_accum = plan.settings.batch, plan.settings.grad_accum
         train.activation_checkpointing = plan.settings.activation_checkpointing
@@ -171,14 +188,18 @@ class FineTuneRun:
         if not self.recipe.eval.baseline:
             return None
         saved = self.work / "baseline.json"
-        if self.resume and saved.is_file():
-            self.echo("base model: evaluation kept from the interrupted run")
-            return json.loads(saved.read_text(encoding="utf-8"))
+        if self.resume:
+            kept = distributed.from_main(
+                lambda: json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None)
+            if kept is not None:
+                self.echo("base model: evaluation kept from the interrupted run")
+                return kept
         result = self.evaluate("base model")
-        saved.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+        distributed.on_main(lambda: saved.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8"))
         return result
 
     def evaluate(self, name: str) -> dict[str, Any]:
+        """Every rank predicts its share of the test split; all get the gathered result."""
         from ftkit.evaluator import evaluate
 
         result = evaluate(self.model, self.tokenizer, self.task, self.test, self.head, self.labels, self.recipe, name)
@@ -189,8 +210,15 @@ class FineTuneRun:
     def train(self) -> None:
         from ftkit.training import build_trainer, newest_checkpoint
 
-        trainer = build_trainer(self)
-        checkpoint = newest_checkpoint(self.work / "checkpoints") if self.resume else None
+        if self.world_size > 1:
+            train = self.recipe.train
+            note = (f"{self.world_size} processes: effective batch {train.batch_size} (batch_size) x "
+                    f"{train.grad_accum} (grad_accum) x {self.world_size} = "
+                    f"{train.batch_size * train.grad_accum * self.world_size}")
+            self.echo(note)
+            self.notes.append(note)
+        trainer = distributed.together(lambda: build_trainer(self))
+        checkpoint = distributed.from_main(lambda: newest_checkpoint(self.work / "checkpoints")) if self.resume else None
         if self.resume:
             self.echo(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint: training from the start")
         start = time.perf_counter()
@@ -261,6 +289,20 @@ class FineTuneRun:
         weights = "adapter/" if (self.output / "adapter").is_dir() else "model/"
         self.echo(f"Run folder: {self.output} (report.md, metrics.json, {weights})")
         return self.output
+
+
+def _silent(_: str) -> None:
+    """The echo of ranks other than 0."""
+
+
+def _least_free_gpu_memory() -> int | None:
+    """The free memory of the fullest GPU over all ranks (each uses its own); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free = distributed.together(lambda: torch.cuda.mem_get_info()[0])
+    return min(distributed.all_gather(free))
 
 
 def _quiet_libraries() -> None:

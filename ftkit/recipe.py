@@ -77,6 +77,9 @@ class TrainSection:
     seed: int = _f(42, "seed for sampling, splitting, initialization and data order", low=0)
     logging_steps: int = _f(10, "log the training loss every N steps", low=1)
     save_steps: int = _f(0, "save a checkpoint every N steps; 0: only at the end", low=0)
+    deepspeed: str = _f("", "DeepSpeed config (JSON, e.g. ZeRO stage 2), relative to the recipe, passed to the "
+                        "Trainer as is; needs `pip install deepspeed`, CUDA and a launcher (torchrun, accelerate "
+                        "launch, ftkit run --nproc), see docs/distributed.md; empty: plain DDP", path=True)
 
 
 @dataclass
@@ -233,9 +236,32 @@ def _cross_checks(sections: dict[str, Any], found: list[str]) -> list[str]:
             errors.append(f"task.train_file: missing; {task_name} has no hub dataset, so name a data file")
     if sections["model"].source == "builtin" and sections["model"].id != "ftkit/tiny-qwen2":
         errors.append("model.id: the only builtin model is `ftkit/tiny-qwen2`")
+    deepspeed = sections["train"].deepspeed
+    if deepspeed and not any(e.startswith("train.deepspeed:") for e in found):
+        errors += _deepspeed_errors(Path(deepspeed))
     if sections["method"].name == "full" and sections["method"].target_modules:
         errors.append("method.target_modules: only for lora and qlora; full fine-tuning trains every weight")
     return errors
+
+
+def _deepspeed_errors(path: Path) -> list[str]:
+    """A DeepSpeed config must exist and be JSON; stage 3 is refused (see the message)."""
+    import json
+
+    if not path.is_file():
+        return [(f"train.deepspeed: {path} does not exist; give the DeepSpeed JSON config's path, relative to "
+                 "the recipe")]
+    try:
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as error:
+        return [f"train.deepspeed: {path} is not valid JSON ({error})"]
+    if not isinstance(config, dict):
+        return [f"train.deepspeed: {path} must hold a JSON object (a DeepSpeed config)"]
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("stage") == 3:
+        return [(f"train.deepspeed: {path} uses ZeRO stage 3, which shards the weights themselves; ftkit "
+                 "evaluates and saves whole weights on each rank, so use stage 1 or 2")]
+    return []
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

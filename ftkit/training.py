@@ -39,6 +39,11 @@ def seeded_length_grouped_sampler(lengths: list[int], batch_size: int, seed: int
     epoch got a different order and the final weights differed from an uninterrupted run's. The
     Trainer calls ``set_epoch`` on the sampler every epoch (through accelerate), so seeding from the
     epoch makes every epoch's order reproducible, resumed or not.
+
+    With several processes accelerate deals the sampler's batches out to the ranks in turn
+    (``BatchSamplerShard``); ``batch_size`` is then the global batch (per-device batch x gradient
+    accumulation x world size), so one optimizer step takes the same examples as one process
+    with a world-size-times larger batch, and every rank derives the same order from (seed, epoch).
     """
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -75,8 +80,11 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
+    from ftkit import distributed
+
     train = run.recipe.train
     cuda = torch.cuda.is_available()
+    several = distributed.world_size() > 1
     half = run.loaded.dtype in ("bfloat16", "float16") and cuda
     args = TrainingArguments(
         output_dir=str(run.work / "checkpoints"),
@@ -107,20 +115,39 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         dataloader_pin_memory=cuda,
         report_to="none",  # TensorBoard is added below with the folder we choose
         disable_tqdm=False,
+        # Several processes: gloo on the CPU (accelerate would pick MPI where torch has it); on
+        # CUDA accelerate picks NCCL. Every LoRA/full parameter takes part in every step, so DDP
+        # need not search for unused ones (and warn that it found none).
+        ddp_backend="gloo" if several and not cuda else None,
+        ddp_find_unused_parameters=False if several else None,
+        log_level_replica="error",
+        deepspeed=train.deepspeed or None,
     )
     if run.head == "classifier":
         collator = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=8 if cuda else None)
     else:
         collator = DataCollatorForSeq2Seq(run.tokenizer, padding=True, label_pad_token_id=-100,
                                           pad_to_multiple_of=8 if cuda else None)
-    writer = SummaryWriter(log_dir=str(run.work / "tensorboard"))
+    # Rank 0 alone writes TensorBoard logs (a writer creates its folder at once).
+    callbacks = [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.work / "tensorboard")))] \
+        if distributed.is_main() else []
     features = build_features(run)
 
     class FtkitTrainer(Trainer):
+        def __init__(self, **kwargs) -> None:  # noqa: ANN003
+            super().__init__(**kwargs)
+            if run.head == "classifier":
+                # Sequence-classification models take **kwargs but ignore `num_items_in_batch`: their
+                # loss is already a mean per micro-batch. Left on, the Trainer would skip dividing it
+                # by grad_accum and multiply it by the world size (both meant for token-summed losses),
+                # so the loss and gradients came out grad_accum x world size too large.
+                self.model_accepts_loss_kwargs = False
+
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
             return seeded_length_grouped_sampler(
                 [len(f["input_ids"]) for f in features],
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, train.seed,
+                self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+                train.seed,
             )
 
     return FtkitTrainer(
@@ -129,5 +156,5 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         train_dataset=features,
         data_collator=collator,
         processing_class=run.tokenizer,
-        callbacks=[TensorBoardCallback(tb_writer=writer)],
+        callbacks=callbacks,
     )

@@ -188,3 +188,20 @@ def test_dry_run_prints_the_memory_estimate():
     line = next(x for x in done.stdout.splitlines() if x.startswith("# memory estimate"))
     expected = estimate(resolve_shape("Qwen/Qwen2.5-1.5B-Instruct"), Settings(seq=256, batch=8, method="qlora")).total
     assert line.startswith(f"# memory estimate (Qwen/Qwen2.5-1.5B-Instruct, for a CUDA GPU): {expected / 1e9:.2f} GB peak")
+
+
+def test_a_run_that_will_not_fit_is_refused_in_one_line_or_auto_fitted():
+    from ftkit.errors import ConfigError
+    from ftkit.fit import check_fit
+
+    shape, gpu, where = resolve_shape("7B"), 24 * 2**30, "the 24.0 GiB free on GPU 0"
+    settings = Settings(seq=1024, batch=8, method="qlora")
+    with pytest.raises(ConfigError) as refused:
+        check_fit(shape, settings, gpu, where, allow_changes=False, recipe_path="r.toml")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("r.toml: train.batch_size: the estimate (")
+    assert f"exceeds {where}; rerun with --auto-fit to set train.batch_size: 8 -> " in message
+    plan = check_fit(shape, settings, gpu, where, allow_changes=True)
+    assert plan.changes and plan.estimate.total <= gpu
+    with pytest.raises(ConfigError, match="even at batch 1 with activation checkpointing"):
+        check_fit(resolve_shape("72B"), replace(settings, method="full"), gpu, where, allow_changes=True)

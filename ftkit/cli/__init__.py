@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ftkit import __version__
+from ftkit import __version__, distributed
 from ftkit.errors import FtkitError
 
 EPILOG = """\b
@@ -57,12 +57,15 @@ class FtkitGroup(click.Group):
         except FtkitError as error:
             if debug:
                 raise
-            _print_error(str(error))
+            # Several processes (torchrun): rank 0 reports what failed on any rank (ftkit.distributed).
+            if distributed.is_main():
+                _print_error(str(error))
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             if debug:
                 raise
-            _print_error("interrupted")
+            if distributed.is_main():
+                _print_error("interrupted")
             ctx.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -88,7 +91,8 @@ def _close_progress_bars() -> None:
 
 def _print_error(message: str) -> None:
     _close_progress_bars()
-    click.secho(f"Error: {message}", fg="red", err=True)
+    where = "" if distributed.is_main() else f"rank {distributed.rank()}: "
+    click.secho(f"Error: {where}{message}", fg="red", err=True)
 
 
 @click.group(cls=FtkitGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +113,8 @@ def _log_to_stderr(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Every rank of a multi-process run reads the same data: only rank 0 reports dropped rows.
+    log.setLevel(logging.DEBUG if debug else logging.INFO if distributed.is_main() else logging.ERROR)
 
 
 # Command modules are light: each imports torch & co. only inside the command that needs them.

@@ -1,4 +1,4 @@
-"""``ftkit estimate``: the training memory of one run, part by part, and whether it fits."""
+"""``ftkit estimate``: the training memory of one run per device, part by part, and whether it fits."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ Examples:
   $ ftkit estimate --model 1.5B --seq 256 --batch 4
   $ ftkit estimate --model 1.5B --seq 256 --batch 4 --formula megatron
   $ ftkit estimate --model 7B --method qlora --seq 1024 --gpu-mem 24GB
+  $ ftkit estimate --model 3B --method lora --batch 4 --gpus 4   # DDP: per device
   $ ftkit estimate --model Qwen/Qwen2.5-3B-Instruct --method lora --target-modules all-linear
   $ ftkit estimate --model ./my-model --activation-checkpointing --explain
   $ ftkit estimate --model 0.5B --json | jq .components.total
@@ -29,11 +30,18 @@ bitsandbytes on a Qwen2/Llama block); `--formula megatron` gives the
 published s*b*h*(34 + 5*a*s/h) bytes per layer.
 
 \b
+Every number is per device. --gpus N models data parallelism (torchrun /
+accelerate / ftkit run --nproc N: DDP): each device holds the whole model
+and its own micro-batch, plus DDP's gradient buckets (trainable parameters
+x gradient bytes); the effective batch is batch x grad-accum x N.
+
+\b
 --json keys (stable): model, settings, params {total, trainable},
 components {weights, gradients, optimizer_states, activations_per_layer,
 activations_layers, activations_other, logits_loss, overhead, total} (bytes),
-detail (every term with its formula), peak_phase, notes, gpu {bytes,
-source, fits, largest_batch} (gpu is null without a GPU or --gpu-mem).
+detail (every term with its formula), peak_phase, per_device (true),
+effective_batch, notes, gpu {bytes, source, fits, largest_batch} (gpu is
+null without a GPU or --gpu-mem).
 """
 
 
@@ -73,6 +81,8 @@ def format_bytes(n: float) -> str:
 @click.option("--head", type=click.Choice(["causal", "classifier"]), default="causal", show_default=True)
 @click.option("--num-labels", default="2", show_default=True, help="Classes, with --head classifier.")
 @click.option("--grad-accum", default="1", show_default=True, help="Gradient accumulation steps.")
+@click.option("--gpus", default="1", show_default=True,
+              help="Data-parallel GPUs (DDP): adds its gradient buckets per device; effective batch x N.")
 @click.option("--gpu-mem", metavar="SIZE", help="GPU memory to fit into, e.g. 24GB (default: the probed GPU's).")
 @click.option("--formula", type=click.Choice(["ftkit", "megatron"]), default="ftkit", show_default=True,
               help="Activation model: ftkit's (what really happens) or Megatron's as published.")
@@ -81,9 +91,9 @@ def format_bytes(n: float) -> str:
 @click.option("--list-models", is_flag=True, help="List the built-in model shapes and exit.")
 def estimate(model_spec: str | None, seq: str, batch: str, method: str, lora_r: str, lora_dropout: float,
              target_modules: str, dtype: str, optim: str, attn: str, activation_checkpointing: bool, head: str,
-             num_labels: str, grad_accum: str, gpu_mem: str | None, formula: str, explain: bool, as_json: bool,
-             list_models: bool) -> None:
-    """Estimate the GPU memory a fine-tuning run needs, part by part, and whether it fits.
+             num_labels: str, grad_accum: str, gpus: str, gpu_mem: str | None, formula: str, explain: bool,
+             as_json: bool, list_models: bool) -> None:
+    """Estimate the GPU memory a fine-tuning run needs per device, part by part, and whether it fits.
 
     Weights (quantized or not), trainable parameters, gradients, optimizer states, activations per
     layer and in total, logits/loss, framework overhead, and the peak; then whether it fits the GPU
@@ -107,7 +117,7 @@ def estimate(model_spec: str | None, seq: str, batch: str, method: str, lora_r: 
         lora_r=_positive_int("--lora-r", lora_r), lora_dropout=lora_dropout, target_modules=targets, dtype=dtype,
         optim=optim, attn=attn, activation_checkpointing=activation_checkpointing, head=head,
         num_labels=_positive_int("--num-labels", num_labels), grad_accum=_positive_int("--grad-accum", grad_accum),
-        formula=formula,
+        formula=formula, gpus=_positive_int("--gpus", gpus),
     )
     shape = resolve_shape(model_spec)
     result = run_estimate(shape, settings)
@@ -138,12 +148,15 @@ def _gpu_memory(gpu_mem: str | None) -> tuple[int, str] | None:
 def _print_estimate(result, fit: dict | None, explain: bool) -> None:  # noqa: ANN001
     s, shape = result.settings, result.shape
     share = result.params_trainable / result.params_total
-    click.secho(f"{shape.name}: {s.method}, seq {s.seq} × batch {s.batch}"
+    click.secho(f"{shape.name}: {s.method}, seq {s.seq} × batch {s.batch} per device"
                 f"{f' × accum {s.grad_accum}' if s.grad_accum > 1 else ''}, {s.dtype}, {s.attn}"
                 f"{', activation checkpointing' if s.activation_checkpointing else ''}, {s.head} head", bold=True)
     click.echo(f"{result.params_total / 1e9:.2f} B parameters, {result.params_trainable:,} trainable ({share:.2%}); "
                f"{shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads "
                f"({shape.num_kv_heads} KV), MLP {shape.intermediate_size}, vocab {shape.vocab_size:,}")
+    devices = f"{s.gpus} GPUs (DDP)" if s.gpus > 1 else "1 GPU"
+    click.echo(f"Effective batch: {s.effective_batch} = batch {s.batch} × accum {s.grad_accum} × {devices}; "
+               "memory below is per device")
     click.echo()
     rows = [(t.name, format_bytes(t.bytes)) for t in result.weights]
     rows += [(result.gradients.name, format_bytes(result.gradients.bytes)),
@@ -156,7 +169,7 @@ def _print_estimate(result, fit: dict | None, explain: bool) -> None:  # noqa: A
     rows.append(("logits / loss", format_bytes(result.logits_bytes)))
     rows.append(("framework overhead", format_bytes(sum(t.bytes for t in result.overhead))))
     rows.append((f"total (peak at {result.peak_phase})", format_bytes(result.total)))
-    print_table(("COMPONENT", "MEMORY"), rows)
+    print_table(("COMPONENT", "MEMORY PER DEVICE"), rows)
     if explain:
         click.echo()
         click.secho("How each number is computed", bold=True)

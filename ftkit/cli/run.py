@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ftkit.cli.output import print_json
+from ftkit.errors import UsageError
 
 SET_HELP = "Override a recipe value, e.g. --set train.lr=2e-5 (repeatable)."
 
@@ -18,8 +19,11 @@ Examples:
   $ ftkit run recipes/emotion.toml --overwrite        # replace an existing run folder
   $ ftkit run recipes/emotion.toml --set train.save_steps=200   # checkpoints every 200 steps
   $ ftkit run recipes/emotion.toml --resume           # continue after a crash or Ctrl-C
+  $ ftkit run recipes/emotion.toml --nproc 4          # 4 processes (GPUs), DDP; see docs/distributed.md
+  $ torchrun --nproc_per_node 4 -m ftkit run recipes/emotion.toml   # the same, launched by hand
 """,
 )
+@click.pass_context
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit without training.")
@@ -28,28 +32,54 @@ Examples:
 @click.option("--auto-fit", is_flag=True,
               help="When the estimate exceeds the GPU's free memory: lower the batch (raising gradient "
                    "accumulation to keep the effective batch), then turn on activation checkpointing.")
-def run(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: bool, resume: bool,
-        auto_fit: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), metavar="N",
+              help="Train with N processes on this machine (data parallel, one GPU each; gloo on the CPU): "
+                   "re-launches this command under torchrun. Effective batch = batch_size x grad_accum x N.")
+def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: bool,
+        resume: bool, auto_fit: bool, nproc: int | None) -> None:
     """Fine-tune as RECIPE says; evaluate base and fine-tuned models on the same test split.
 
     Leaves in output.dir: the adapter (safetensors) and tokenizer, labels.json, recipe.toml,
     metrics.json (baseline and fine-tuned), report.md with plots, TensorBoard logs, manifest.json.
+
+    Under torchrun or `accelerate launch` every process runs this command; rank 0 alone prints and
+    writes the run folder.
     """
+    from ftkit import distributed
     from ftkit.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
+    if nproc is not None and distributed.world_size() > 1:
+        raise UsageError(f"--nproc: this is already one of {distributed.world_size()} processes started by a "
+                         "launcher; drop --nproc")
     if dry_run:
         click.echo(f"# resolved recipe: {recipe_path}")
         click.echo(recipe.to_toml())
-        _print_dry_run_estimate(recipe, auto_fit)
+        _print_dry_run_estimate(recipe, auto_fit, nproc or distributed.world_size())
         return
+    if nproc is not None and nproc > 1:
+        _check_gpu_count(nproc)
+        args = ["--debug"] if ctx.find_root().params.get("debug") else []
+        args += ["run", recipe_path, *(part for value in overrides for part in ("--set", value))]
+        args += [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume), ("--auto-fit", auto_fit))
+                 if on]
+        ctx.exit(distributed.launch(nproc, args))
     from ftkit.pipeline import FineTuneRun
 
     FineTuneRun(recipe, overwrite=overwrite, resume=resume, auto_fit=auto_fit, echo=click.echo).run()
 
 
-def _print_dry_run_estimate(recipe, auto_fit: bool) -> None:  # noqa: ANN001
-    """The memory estimate, as TOML comments after the resolved recipe (no torch import)."""
+def _check_gpu_count(nproc: int) -> None:
+    """One process per GPU where there are GPUs (through NVML: no torch import for the check)."""
+    from ftkit.probe import probe_cuda
+
+    devices, _ = probe_cuda()
+    if devices and nproc > len(devices):
+        raise UsageError(f"--nproc: {nproc} processes but {len(devices)} GPU(s) here; use at most {len(devices)}")
+
+
+def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1) -> None:  # noqa: ANN001
+    """The memory estimate per device, as TOML comments after the resolved recipe (no torch import)."""
     from ftkit import fit
     from ftkit.plugins import get_task
     from ftkit.probe import probe_cuda
@@ -61,9 +91,10 @@ def _print_dry_run_estimate(recipe, auto_fit: bool) -> None:  # noqa: ANN001
         click.echo(f"# memory estimate: not available for {recipe.model.id} (not a Llama-style decoder whose "
                    "config is known or cached here)")
         return
-    settings = fit.recipe_settings(recipe, head, len(task.labels or ()) or 2)
+    settings = fit.recipe_settings(recipe, head, len(task.labels or ()) or 2, gpus=gpus)
     result = fit.estimate(shape, settings)
-    click.echo(f"# memory estimate ({shape.name}, for a CUDA GPU): {fit.describe(result)}")
+    per = f", per device of {gpus}, effective batch {settings.effective_batch}" if gpus > 1 else ""
+    click.echo(f"# memory estimate ({shape.name}, for a CUDA GPU{per}): {fit.describe(result)}")
     devices, _ = probe_cuda()
     if not devices:
         click.echo("# no CUDA GPU here: `ftkit estimate` with --gpu-mem checks the fit on a card")
