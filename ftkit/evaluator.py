@@ -68,24 +68,30 @@ def _sequence_nll(model, batch: dict):  # noqa: ANN001, ANN202
     return nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
-def predict_classifier(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
-                       max_len: int, desc: str) -> list[str]:
+def classifier_scores(model, tokenizer, examples: list[Example], batch_size: int, max_len: int,  # noqa: ANN001, ANN201
+                      desc: str):
+    """An (examples × labels) tensor of the classifier head's logits (fp32, on the CPU)."""
     import torch
 
-    predictions: list[str | None] = [None] * len(examples)
+    scores = torch.zeros((len(examples), model.config.num_labels))
     encoded = [tokenizer(e.input, truncation=True, max_length=max_len)["input_ids"] for e in examples]
     with torch.inference_mode():
         for chunk, ids in _batches(encoded, batch_size, len, desc):
             batch = _pad(tokenizer, [{"input_ids": i} for i in ids], _device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for index, best in zip(chunk, logits.argmax(-1).tolist()):
-                predictions[index] = labels[best]
-    return predictions
+            scores[chunk] = logits.float().cpu()
+    return scores
 
 
-def predict_label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
-                         max_len: int, desc: str) -> list[str]:
-    """Label-restricted decoding: the label whose answer has the highest log-likelihood."""
+def predict_classifier(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
+                       max_len: int, desc: str) -> list[str]:
+    scores = classifier_scores(model, tokenizer, examples, batch_size, max_len, desc)
+    return [labels[j] for j in scores.argmax(-1).tolist()]
+
+
+def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
+                 max_len: int, desc: str):
+    """An (examples × labels) tensor: the log-likelihood of each label as the answer to each prompt."""
     import torch
 
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
@@ -97,6 +103,13 @@ def predict_label_scores(model, tokenizer, examples: list[Example], labels: list
             for k, value in zip(chunk, nll.tolist()):
                 i, j = pairs[k]
                 scores[i, j] = -value
+    return scores
+
+
+def predict_label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
+                         max_len: int, desc: str) -> list[str]:
+    """Label-restricted decoding: the label whose answer has the highest log-likelihood."""
+    scores = label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc)
     return [labels[j] for j in scores.argmax(-1).tolist()]
 
 

@@ -267,45 +267,6 @@ def _load_4bit(source: Path, kwargs: dict[str, Any], head: str, device: str, ech
 
 # -- predict / evaluate --------------------------------------------------------------------------
 
-def classifier_scores(model, tokenizer, examples: list[Example], batch_size: int, max_len: int,  # noqa: ANN001, ANN201
-                      desc: str):
-    """(examples x labels) logits of the classifier head, batched as ``evaluator.predict_classifier``."""
-    import torch
-
-    from ftkit.evaluator import _batches, _device, _pad
-
-    scores = torch.zeros((len(examples), model.config.num_labels))
-    encoded = [tokenizer(e.input, truncation=True, max_length=max_len)["input_ids"] for e in examples]
-    with torch.inference_mode():
-        for chunk, ids in _batches(encoded, batch_size, len, desc):
-            batch = _pad(tokenizer, [{"input_ids": i} for i in ids], _device(model))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores[chunk] = logits.float().cpu()
-    return scores
-
-
-def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int, max_len: int,  # noqa: ANN001, ANN201
-                 desc: str):
-    """(examples x labels) log-likelihood of each label as the answer: ``evaluator.predict_label_scores``' scores."""
-    import math
-
-    import torch
-
-    from ftkit.evaluator import _batches, _device, _pad, _sequence_nll
-    from ftkit.prepare import encode_causal
-
-    pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
-    features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j]) for i, j in pairs]
-    scores = torch.full((len(examples), len(labels)), -math.inf)
-    with torch.inference_mode():
-        for chunk, feats in _batches(features, batch_size, lambda f: len(f["input_ids"]), desc):
-            nll, _ = _sequence_nll(model, _pad(tokenizer, feats, _device(model)))
-            for k, value in zip(chunk, nll.tolist()):
-                i, j = pairs[k]
-                scores[i, j] = -value
-    return scores
-
-
 def predict(model, tokenizer, run: RunFolder, rows: list[InputRow], batch_size: int | None = None,  # noqa: ANN001
             desc: str = "predicting") -> list[dict[str, Any]]:
     """One result per row: the label and every label's probability, or the generated text.
@@ -313,7 +274,7 @@ def predict(model, tokenizer, run: RunFolder, rows: list[InputRow], batch_size: 
     Probabilities: a softmax over the classifier head's logits, or (causal head) over each label's
     log-likelihood as the answer, i.e. label-restricted decoding normalized over the labels.
     """
-    from ftkit.evaluator import generate
+    from ftkit.evaluator import classifier_scores, generate, label_scores
 
     examples = [row.example for row in rows]
     batch, max_len = batch_size or run.recipe.eval.batch_size, run.recipe.train.max_seq_len
