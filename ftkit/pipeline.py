@@ -68,6 +68,12 @@ class FineTuneRun:
                 shutil.rmtree(self.work, ignore_errors=True)
             elif training:
                 self._explain_stop(error)
+            if not training:
+                # Every rank has learnt of the failure (the steps before training settle together):
+                # leave the group cleanly, or gloo's threads can abort the exit ("terminate called
+                # without an active exception"). A rank failing mid-training may have peers inside a
+                # collective, so there the launcher stops them instead.
+                distributed.shutdown()
             raise
         output = distributed.on_main(self.finish)
         distributed.shutdown()
