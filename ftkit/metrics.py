@@ -30,29 +30,33 @@ def classification_metrics(
     ``labels`` fixes the order of the per-class rows and the matrix; by default the labels seen in
     references then predictions. A prediction outside ``labels`` counts as wrong.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from collections import Counter
+
+    from sklearn.metrics import precision_recall_fscore_support
 
     refs = [r if isinstance(r, str) else r[0] for r in references]
     preds = list(predictions)
     if labels is None:
         labels = list(dict.fromkeys([*refs, *preds]))
     labels = list(labels)
-    scored = [label for label in labels if label in set(refs)] or labels
+    # One scikit-learn call: its input validation costs a few ms per call, a fifth of the whole
+    # evaluation of a small test split. Macro-F1 is the plain mean of the per-class F1 over the
+    # labels present in the references (what ``average="macro"`` computes), and accuracy and the
+    # confusion matrix are counts.
     precision, recall, f1, support = precision_recall_fscore_support(
         refs, preds, labels=labels, zero_division=0
     )
-    _, _, macro_f1, _ = precision_recall_fscore_support(
-        refs, preds, labels=scored, average="macro", zero_division=0
-    )
-    matrix = confusion_matrix(refs, preds, labels=labels)
+    present = set(refs)
+    scored = [f for label, f in zip(labels, f1) if label in present] or list(f1)
+    pairs = Counter(zip(refs, preds))
     return {
-        "accuracy": float(accuracy_score(refs, preds)),
-        "macro_f1": float(macro_f1),
+        "accuracy": sum(r == p for r, p in zip(refs, preds)) / len(refs) if refs else 0.0,
+        "macro_f1": float(sum(scored) / len(scored)) if scored else 0.0,
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)
         },
-        "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()},
+        "confusion_matrix": {"labels": labels, "matrix": [[pairs[(t, p)] for p in labels] for t in labels]},
     }
 
 

@@ -180,3 +180,24 @@ def test_data_synth_refuses_tasks_that_cannot_synthesize(tmp_path):
     result = CliRunner().invoke(main, ["data", "synth", "hc3", "-o", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 2
     assert result.output == "Error: task 'hc3' cannot synthesize data; give it a data file instead\n"
+
+
+@pytest.mark.parametrize("labels", [["a", "b", "c", "d"], None, ["a", "b", "c", "d", "never-seen"]])
+def test_classification_metrics_agree_with_scikit_learn(labels):
+    """ftkit counts accuracy and the matrix itself (one scikit-learn call is cheaper): same numbers."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    from ftkit.metrics import classification_metrics
+
+    refs = list("aabbbcccca" "dddabcabca")
+    preds = list("abbbaccdca") + ["off-label"] + list("ddabcbbcb")
+    got = classification_metrics(preds, [[r] for r in refs], labels)
+    order = labels or list(dict.fromkeys([*refs, *preds]))
+    present = [label for label in order if label in refs]
+    assert got["accuracy"] == pytest.approx(accuracy_score(refs, preds))
+    assert got["macro_f1"] == pytest.approx(f1_score(refs, preds, labels=present, average="macro", zero_division=0))
+    assert got["confusion_matrix"] == {"labels": order,
+                                       "matrix": confusion_matrix(refs, preds, labels=order).tolist()}
+    assert got["per_class"]["a"]["support"] == refs.count("a")
+    if labels and "never-seen" in labels:
+        assert got["per_class"]["never-seen"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
