@@ -1,6 +1,6 @@
-"""Write ftkit's bundled offline emotion dataset, ``ftkit/assets/emotion_quickstart.jsonl``.
+"""Write ftkit's bundled offline emotion dataset, ``plugins/data/emotion_quickstart.jsonl``.
 
-    $ python bench/make_emotion_quickstart.py [--per-class 100] [--out ftkit/assets/emotion_quickstart.jsonl]
+    $ python bench/make_emotion_quickstart.py [--per-class 100] [--out plugins/data/emotion_quickstart.jsonl]
 
 The rows come from the emotion task's offline synthesizer (``ftkit_plugins.emotion_synth``, the
 same as ``ftkit data synth emotion``): composed for the project, nothing is downloaded. Seeded, so
@@ -22,7 +22,7 @@ SEED = 20261123
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=100)
-    default_out = Path(__file__).resolve().parent.parent / "ftkit" / "assets" / "emotion_quickstart.jsonl"
+    default_out = Path(__file__).resolve().parent.parent / "plugins" / "data" / "emotion_quickstart.jsonl"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
     rows = list(synthesize(args.per_class * len(LABELS), seed=SEED))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pluggy
 
 from ftkit.errors import FtkitError
-from ftkit.tasks import Example, Task
+from ftkit.tasks import Example, Field, Task
 
 __version__ = "0.1.0"
 
 #: Decorator for plugin hook implementations: ``@ftkit.hookimpl def register_tasks(register): ...``
 hookimpl = pluggy.HookimplMarker("ftkit")
 
-__all__ = ["Example", "FtkitError", "Task", "__version__", "hookimpl"]
+__all__ = ["Example", "Field", "FtkitError", "Task", "__version__", "hookimpl"]

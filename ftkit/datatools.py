@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.data import read_records
-from ftkit.errors import DataError, FtkitError, UsageError
+from ftkit.errors import DataError, UsageError
+from ftkit.sources import DataMapping, TaskData, load_task_data, source_records, unseen_labels
 from ftkit.tasks import Example, Task
 
 
@@ -53,17 +52,6 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
-def _records(task: Task, path: Path, on_error=None):  # noqa: ANN001, ANN202
-    reader = task.read or read_records
-    return reader(path, on_error) if on_error is not None else reader(path)
-
-
-def _parse(task: Task, path: Path, options: dict[str, Any]) -> list[tuple[str, dict, list[Example]]]:
-    """Each raw record with where it came from and the examples it yields (strict: first error raises)."""
-    return [(where, record, [task.format(r) for r in task.parse(record, where, **options)])
-            for where, record in _records(task, path)]
-
-
 # -- synth / format ------------------------------------------------------------------------------
 
 def synthesize(task: Task, out: Path, n: int, seed: int, **options: Any) -> int:
@@ -73,10 +61,12 @@ def synthesize(task: Task, out: Path, n: int, seed: int, **options: Any) -> int:
     return write_jsonl(out, rows)
 
 
-def format_file(task: Task, path: Path, out: Path, options: dict[str, Any]) -> int:
-    """Raw rows -> training form (Alpaca: instruction/input/output, plus system and references)."""
+def format_file(task: Task, path: Path, out: Path, mapping: DataMapping) -> int:
+    """Source rows -> training form (Alpaca: instruction/input/output, plus system and references)."""
+    data = load_task_data(task, path, mapping)
+
     def rows():  # noqa: ANN202
-        for row in task.load(path, **options):
+        for row in data.rows():
             example = task.format(row)
             item = {"instruction": example.instruction or "", "input": example.input, "output": example.target}
             if example.system:
@@ -92,60 +82,45 @@ def format_file(task: Task, path: Path, out: Path, options: dict[str, Any]) -> i
 
 @dataclass
 class Validation:
-    """What ``ftkit data validate`` found in one file."""
+    """What ``ftkit data validate`` found in one file (and, with a test file, between the two)."""
 
     path: str
     task: str
     records: int = 0
     examples: int = 0
     errors: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, list[str]] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)
     imbalance: float | None = None
     imbalance_warning: bool = False
     tokens: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
 
-def validate_file(task: Task, path: Path, options: dict[str, Any], *, seq: int, max_ratio: float,
-                  tokenizer: str | None) -> Validation:
-    """Parse every record, collecting every problem instead of stopping at the first."""
-    import logging
+def validate_file(task: Task, path: Path, mapping: DataMapping, *, seq: int, max_ratio: float,
+                  tokenizer: str | None, test_path: Path | None = None) -> Validation:
+    """Read every row with the mapping, collecting every problem instead of stopping at the first."""
+    import pyarrow.compute as pc
 
     report = Validation(path=str(path), task=task.name)
-    examples: list[tuple[str, Example]] = []
-
-    class Collect(logging.Handler):  # a plugin's "row dropped" warnings are findings too
-        def emit(self, record: logging.LogRecord) -> None:
-            report.errors.append(record.getMessage())
-
-    log, handler = logging.getLogger("ftkit"), Collect(logging.WARNING)
-    log.addHandler(handler)
     try:
-        if task.parse is None:
-            examples = [(str(path), task.format(row)) for row in task.load(path, **options)]
-            report.records = len(examples)
-        else:
-            for where, record in _records(task, path, on_error=lambda e: report.errors.append(str(e))):
-                report.records += 1
-                try:
-                    examples += [(where, task.format(row)) for row in task.parse(record, where, **options)]
-                except DataError as error:
-                    report.errors.append(str(error))
-    finally:
-        log.removeHandler(handler)
-    report.examples = len(examples)
-    seen: dict[str, list[str]] = defaultdict(list)
-    for where, example in examples:
-        seen[example.input].append(where)
-    report.duplicates = {text: wheres for text, wheres in seen.items() if len(wheres) > 1}
-    if task.kind == "classification":
-        labels = list(options.get("labels") or task.labels or [])
-        counts = Counter(example.target for _, example in examples)
-        report.classes = {label: counts.get(label, 0) for label in labels} | dict(counts)
+        data = load_task_data(task, path, mapping, collect=True)
+    except DataError as error:
+        report.errors.append(str(error))
+        return report
+    report.records, report.examples = data.records, len(data)
+    report.errors += data.errors
+    report.dropped = dict(data.dropped)
+    report.duplicates = _duplicates(data)
+    if task.kind == "classification" and len(data):
+        counts = dict(zip(*(c.to_pylist() for c in pc.value_counts(data.table.column("label")).flatten())))
+        labels = list(mapping.labels or task.labels or sorted(counts))
+        report.classes = {label: counts.get(label, 0) for label in labels} | dict(sorted(counts.items()))
         present = [n for n in report.classes.values() if n]
         if present:
             report.imbalance = max(present) / min(present)
@@ -153,9 +128,57 @@ def validate_file(task: Task, path: Path, options: dict[str, Any], *, seq: int, 
         for label, n in report.classes.items():
             if n == 0:
                 report.errors.append(f"{path}: no examples of label {label!r}; a model cannot learn it")
-    if examples:
-        report.tokens = token_stats([e for _, e in examples], seq, tokenizer)
+    if len(data):
+        report.tokens = token_stats(data.examples(task) if len(data) <= 20_000 else
+                                    data.take(range(0, len(data), max(1, len(data) // 20_000))).examples(task),
+                                    seq, tokenizer)
+    if test_path is not None:
+        report.test = _compare_test(task, data, test_path, mapping, report)
     return report
+
+
+def _duplicates(data: TaskData, limit: int = 50) -> dict[str, list[str]]:
+    """Texts that occur more than once, with where (at most ``limit`` texts)."""
+    import pyarrow.compute as pc
+
+    keys = data.table.column("_key")
+    counts = pc.value_counts(keys)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    found: dict[str, list[str]] = {}
+    if not len(repeated):
+        return found
+    wanted = repeated.slice(0, limit)
+    rows = pc.indices_nonzero(pc.is_in(keys, value_set=wanted)).to_pylist()
+    for i in rows:
+        found.setdefault(str(keys[i].as_py()), []).append(data.where(int(data.table.column("_row")[i].as_py())))
+    return found
+
+
+def normalized(column):  # noqa: ANN001, ANN201 - a pyarrow array
+    """Text as compared for near-duplicates: NFKC (full/half width), lower case, no spaces or punctuation."""
+    import pyarrow.compute as pc
+
+    text = pc.utf8_lower(pc.utf8_normalize(column, form="NFKC"))
+    return pc.replace_substring_regex(text, pattern=r"[\s\p{P}\p{S}]+", replacement="")
+
+
+def _compare_test(task: Task, train: TaskData, test_path: Path, mapping: DataMapping, report: Validation) -> dict:
+    """Exact and near-duplicate overlap between train and test, and test labels unseen in training."""
+    import pyarrow.compute as pc
+
+    test = load_task_data(task, test_path, mapping, collect=True)
+    report.errors += test.errors
+    exact = pc.is_in(test.table.column("_key"), value_set=pc.unique(train.table.column("_key")))
+    near = pc.is_in(normalized(test.table.column("_key")), value_set=pc.unique(normalized(train.table.column("_key"))))
+    near = pc.and_(near, pc.invert(exact))
+    examples = [str(v) for v in pc.filter(test.table.column("_key"), pc.or_(exact, near)).slice(0, 3).to_pylist()]
+    unseen = unseen_labels(train, test) if task.kind == "classification" else []
+    if unseen:
+        report.errors.append(f"{test_path}: test label(s) {', '.join(map(repr, unseen[:10]))} never occur in "
+                             f"{report.path}; add training rows, map them with task.label_map, or skip them with "
+                             "task.drop_labels")
+    return {"path": str(test_path), "examples": len(test), "exact_overlap": int(pc.sum(exact).as_py() or 0),
+            "near_overlap": int(pc.sum(near).as_py() or 0), "overlap_examples": examples, "unseen_labels": unseen}
 
 
 def token_stats(examples: list[Example], seq: int, tokenizer: str | None) -> dict[str, Any]:
@@ -190,50 +213,40 @@ def token_stats(examples: list[Example], seq: int, tokenizer: str | None) -> dic
 
 # -- split ---------------------------------------------------------------------------------------
 
-def split_file(task: Task, path: Path, out_dir: Path, options: dict[str, Any], *, test_size: float,
+def split_file(task: Task, path: Path, out_dir: Path, mapping: DataMapping, *, test_size: float,
                seed: int) -> dict[str, Any]:
-    """Stratified train/test split of the raw records; refuses to leave a class out of test."""
-    if not 0 < test_size < 1:
-        raise UsageError(f"--test-size must be between 0 and 1, got {test_size}")
-    if task.parse is None:
-        raise FtkitError(f"task {task.name!r} has no per-record parser; `ftkit data split` needs one")
-    # Records that yield no example (a plugin dropped them, with a warning) are not written.
-    parsed = [item for item in _parse(task, path, options) if item[2]]
-    if len(parsed) < 2:
-        raise DataError(f"{path}: {len(parsed)} usable record(s); a split needs at least 2")
-    single = all(len(examples) == 1 for _, _, examples in parsed)
-    stratify = task.kind == "classification" and single
-    order = list(range(len(parsed)))
-    if stratify:
-        by_label: dict[str, list[int]] = defaultdict(list)
-        for i, (_, _, examples) in enumerate(parsed):
-            by_label[examples[0].target].append(i)
-        test_idx: set[int] = set()
-        rng = random.Random(seed)
-        for label, members in sorted(by_label.items()):
-            take = round(len(members) * test_size)
-            if take == 0 or take == len(members):
-                raise DataError(
-                    f"{path}: label {label!r} has {len(members)} example(s): a {test_size:.0%} test split would "
-                    "leave it out of " + ("test" if take == 0 else "train") + "; add examples or change --test-size"
-                )
-            test_idx.update(rng.sample(members, take))
-    else:
-        random.Random(seed).shuffle(order)
-        test_idx = set(order[: max(1, round(len(order) * test_size))])
-    train = [parsed[i] for i in range(len(parsed)) if i not in test_idx]
-    test = [parsed[i] for i in sorted(test_idx)]
-    if task.kind == "classification":
-        missing = sorted({e.target for _, _, ex in train for e in ex} - {e.target for _, _, ex in test for e in ex})
-        if missing:
-            raise DataError(f"{path}: label(s) {', '.join(missing)} would be missing from test; "
-                            "add examples or raise --test-size")
-    test_texts = {e.input for _, _, examples in test for e in examples}
-    overlap = sorted({e.input for _, _, examples in train for e in examples} & test_texts)
-    write_jsonl(out_dir / "train.jsonl", (record for _, record, _ in train))
-    write_jsonl(out_dir / "test.jsonl", (record for _, record, _ in test))
-    labels = lambda part: dict(Counter(e.target for _, _, ex in part for e in ex)) if task.kind == "classification" else None  # noqa: E731
-    return {"train": len(train), "test": len(test), "stratified": stratify, "seed": seed,
-            "overlap": len(overlap), "overlap_examples": overlap[:5],
-            "train_classes": labels(train), "test_classes": labels(test),
+    """Train/test split with :func:`ftkit.splitting.split_indices`, the one ``ftkit run`` uses.
+
+    Each part is written as JSONL of the source rows with their own fields (integer class labels
+    become their names: JSONL carries no label names).
+    """
+    import pyarrow.compute as pc
+
+    from ftkit.splitting import split_indices
+
+    data = load_task_data(task, path, mapping)
+    train_rows, test_rows = split_indices(data, test_size, seed, stratify=task.kind == "classification",
+                                          what="--test-size")
+    train, test = data.take(train_rows), data.take(test_rows)
+    overlap = pc.is_in(train.table.column("_key"), value_set=pc.unique(test.table.column("_key")))
+    overlap_texts = sorted({str(v) for v in pc.filter(train.table.column("_key"), overlap).to_pylist()})
+    part_of = {}
+    for part, rows in (("train", train), ("test", test)):
+        for record in set(rows.table.column("_row").to_pylist()):
+            part_of[record] = part
+    records = task.read(path) if task.read is not None else source_records(path)
+    kept: dict[str, list[dict]] = {"train": [], "test": []}
+    for index, (_, record) in enumerate(records):
+        if index in part_of:
+            kept[part_of[index]].append(record)
+    write_jsonl(out_dir / "train.jsonl", kept["train"])
+    write_jsonl(out_dir / "test.jsonl", kept["test"])
+    classes = (lambda part: dict(sorted(Counter(part.table.column("label").to_pylist()).items()))
+               if task.kind == "classification" else None)
+    group_by = mapping.group_by or task.group_by
+    return {"train": len(train), "test": len(test), "train_records": len(kept["train"]),
+            "test_records": len(kept["test"]), "stratified": task.kind == "classification",
+            "grouped_by": group_by or None, "seed": seed, "dropped": dict(data.dropped),
+            "overlap": len(overlap_texts), "overlap_examples": overlap_texts[:5],
+            "train_classes": classes(train), "test_classes": classes(test),
             "files": [str(out_dir / "train.jsonl"), str(out_dir / "test.jsonl")]}

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,23 @@ IGNORE_INDEX = -100  # labels the loss skips: the prompt tokens of causal SFT
 
 
 @dataclass
+class SplitData:
+    """Train and test rows as canonical tables (no Python objects per row yet), and what happened."""
+
+    train: Any  # ftkit.sources.TaskData
+    test: Any
+    labels: list[str] | None
+    leaked_removed: int = 0
+    notes: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``ftkit run --dry-run --json`` reports under ``data``."""
+        return {"train_examples": len(self.train), "test_examples": len(self.test), "labels": self.labels,
+                "dropped": dict(self.dropped)}
+
+
+@dataclass
 class Splits:
     """Train and test examples, and what happened on the way (for the report and manifest)."""
 
@@ -25,6 +39,7 @@ class Splits:
     labels: list[str] | None
     leaked_removed: int = 0
     notes: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -35,87 +50,64 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _load(task: Task, path: str, options: dict[str, Any]) -> list[Example]:
-    examples = [task.format(row) for row in task.load(path or None, **options)]
-    if not examples:
-        raise DataError(f"{path or task.hub_dataset}: no examples; the file is empty or every row was dropped")
-    return examples
+def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
+    """Load train (and test) with the recipe's mapping; split off a test set if there is no test file.
 
+    The split is :func:`ftkit.splitting.split_indices`, the same as ``ftkit data split``'s.
+    """
+    import pyarrow.compute as pc
 
-def _stratified_sample(examples: list[Example], n: int, seed: int, by_label: bool) -> list[Example]:
-    """At most ``n`` examples, keeping the class proportions (seeded)."""
-    if n <= 0 or n >= len(examples):
-        return examples
-    if not by_label:
-        return random.Random(seed).sample(examples, n)
-    from sklearn.model_selection import train_test_split
+    from ftkit.sources import DataMapping, load_task_data, unseen_labels
+    from ftkit.splitting import sample_indices, split_indices
 
-    kept, _ = train_test_split(examples, train_size=n, random_state=seed, stratify=[e.target for e in examples])
-    return kept
+    section = recipe.task
+    mapping = DataMapping.from_section(section)
+    classify = task.kind == "classification"
+    seed = recipe.train.seed
+    train = load_task_data(task, section.train_file or None, mapping)
+    dropped = dict(train.dropped)
+    if section.max_examples:
+        train = train.take(sample_indices(train, section.max_examples, seed, stratify=classify))
+    notes: list[str] = []
+    if dropped:
+        notes.append("dropped from the training data: " + ", ".join(f"{n} ({why})" for why, n in dropped.items()))
+    if section.test_file:
+        test = load_task_data(task, section.test_file, mapping, role="test")
+        for why, n in test.dropped.items():
+            dropped[f"test: {why}"] = n
+    else:
+        train_rows, test_rows = split_indices(train, section.test_size, seed, stratify=classify)
+        train, test = train.take(train_rows), train.take(test_rows)
+        grouped = " by " + (section.group_by or task.group_by) if (section.group_by or task.group_by) else ""
+        notes.append(f"test split: {len(test)} examples ({section.test_size:.0%}, "
+                     f"{'stratified, ' if classify else ''}grouped{grouped or ' by source record'}, seed {seed})")
+    # Leakage: a test text seen in training inflates the fine-tuned score; drop it from train.
+    seen = pc.is_in(train.table.column("_key"), value_set=pc.unique(test.table.column("_key")))
+    leaked = int(pc.sum(seen).as_py() or 0)
+    if leaked:
+        train.table = train.table.filter(pc.invert(seen))
+        notes.append(f"removed {leaked} training examples whose text is also in the test split")
+        if not len(train):
+            raise DataError("every training example also appears in the test split; use different files")
+    labels = None
+    if classify:
+        labels = list(section.labels) or (list(task.labels) if task.labels else train.labels)
+        missing = sorted(set(labels) - set(train.labels or ()))
+        if missing:
+            raise DataError(f"no training examples of label(s) {', '.join(missing)}; add data or set task.labels")
+        unseen = unseen_labels(train, test)
+        if unseen:
+            raise DataError(f"{test.source}: test label(s) {', '.join(map(repr, unseen[:10]))} never occur in the "
+                            "training data, so the model cannot learn them; add training rows, map them with "
+                            "task.label_map, or skip them with task.drop_labels")
+    return SplitData(train=train, test=test, labels=labels, leaked_removed=leaked, notes=notes, dropped=dropped)
 
 
 def load_splits(task: Task, recipe) -> Splits:  # noqa: ANN001 - a Recipe
-    """Load train (and test) through the task plugin; split off a stratified test set if needed."""
-    section = recipe.task
-    options = dict(section.options)
-    labels = list(section.labels) or (list(task.labels) if task.labels else None)
-    if labels:
-        options["labels"] = labels
-    classify = task.kind == "classification"
-    seed = recipe.train.seed
-    train = _stratified_sample(_load(task, section.train_file, options), section.max_examples, seed, classify)
-    if classify:
-        missing = [label for label in labels if label not in {e.target for e in train}]
-        if missing:
-            raise DataError(f"no training examples of label(s) {', '.join(missing)}; add data or set task.labels")
-    notes: list[str] = []
-    if section.test_file:
-        test = _load(task, section.test_file, options)
-    else:
-        train, test = _split(train, section.test_size, seed, classify)
-        notes.append(f"test split: {len(test)} examples ({section.test_size:.0%}, stratified, seed {seed})")
-    # Leakage: a test text seen in training inflates the fine-tuned score; drop it from train.
-    test_inputs = {e.input for e in test}
-    kept = [e for e in train if e.input not in test_inputs]
-    leaked = len(train) - len(kept)
-    if leaked:
-        notes.append(f"removed {leaked} training examples whose text is also in the test split")
-    if not kept:
-        raise DataError("every training example also appears in the test split; use different files")
-    if classify:
-        missing = sorted(set(labels) - {e.target for e in kept})
-        if missing:
-            raise DataError(f"no training examples of label(s) {', '.join(missing)}; add data or set task.labels")
-    return Splits(train=kept, test=test, labels=labels, leaked_removed=leaked, notes=notes)
-
-
-def _split(examples: list[Example], test_size: float, seed: int, stratify: bool) -> tuple[list, list]:
-    from sklearn.model_selection import train_test_split
-
-    if stratify:
-        counts = Counter(e.target for e in examples)
-        rare = sorted(label for label, n in counts.items() if n < 2)
-        if rare:
-            raise DataError(
-                f"label(s) {', '.join(rare)} have fewer than 2 examples: a stratified split would leave "
-                "them out of train or test; add examples or give task.test_file"
-            )
-    if stratify:
-        classes, n_test = len({e.target for e in examples}), math.ceil(test_size * len(examples))
-        if n_test < classes or len(examples) - n_test < classes:
-            raise DataError(
-                f"task.test_size: a {test_size:.0%} split of {len(examples)} examples gives {n_test} test and "
-                f"{len(examples) - n_test} train examples; each needs at least one of the {classes} classes, "
-                "so change test_size or add data"
-            )
-    try:
-        train, test = train_test_split(
-            examples, test_size=test_size, random_state=seed,
-            stratify=[e.target for e in examples] if stratify else None,
-        )
-    except ValueError as error:  # too few examples for a split of that size
-        raise DataError(f"task.test_size: cannot split {len(examples)} examples: {error}") from error
-    return train, test
+    """:func:`split_data`, then the examples the trainer and evaluator need."""
+    data = split_data(task, recipe)
+    return Splits(train=data.train.examples(task), test=data.test.examples(task), labels=data.labels,
+                  leaked_removed=data.leaked_removed, notes=data.notes, dropped=data.dropped)
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:

@@ -46,7 +46,16 @@ class TaskSection:
     test_size: float = _f(0.2, "fraction held out for testing when there is no `test_file`", low=0.0, high=0.9,
                           low_open=True)
     max_examples: int = _f(0, "sample at most this many examples (stratified, seeded); 0: all", low=0)
-    labels: list = _f([], "label set for classification tasks; empty: the task's default", kind=str)
+    labels: list = _f([], "label set for classification tasks; empty: the task's fixed set, else the training "
+                      "data's labels", kind=str)
+    columns: dict = _f({}, "task field -> column of your data, e.g. { text = \"content\", label = \"category\" }; "
+                       "fields: `ftkit tasks show NAME`", kind=str)
+    label_map: dict = _f({}, "your data's label -> the task's label, e.g. { happiness = \"喜悅\" }; integer labels "
+                         "map through the dataset's own label names when it has them", kind=str)
+    drop_labels: list = _f([], "labels (as in your data) whose rows are skipped on purpose; counted, not warned "
+                           "per row", kind=str)
+    group_by: str = _f("", "column whose rows always land in the same split (e.g. a question id); empty: the "
+                       "task's default")
     options: dict = _f({}, "task-specific options, see `ftkit tasks show NAME`")
 
 
@@ -156,6 +165,11 @@ def _check_value(key: str, spec, value: Any, errors: list[str]) -> Any:
     if want is list and meta["kind"] and not all(isinstance(v, meta["kind"]) for v in value):
         errors.append(f"{key}: expected a list of strings, got {value!r}")
         return None
+    if want is dict and meta["kind"]:
+        wrong = [k for k, v in value.items() if not isinstance(v, meta["kind"])]
+        if wrong:
+            errors.append(f"{key}.{wrong[0]}: expected a string, got {_type_name(value[wrong[0]])} {value[wrong[0]]!r}")
+            return None
     if meta["choices"] and value not in meta["choices"]:
         errors.append(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
         return None
@@ -230,6 +244,9 @@ def _cross_checks(sections: dict[str, Any], found: list[str]) -> list[str]:
                 errors.append(f"task.options.{key}: unknown option for {task_name}{_suggest(key, known)}")
         if sections["task"].labels and task.kind != "classification":
             errors.append(f"task.labels: {task_name} is a {task.kind} task; labels are for classification")
+        from ftkit.sources import DataMapping, mapping_errors
+
+        errors += mapping_errors(task, DataMapping.from_section(sections["task"]))
         if sections["train"].head == "classifier" and task.kind != "classification":
             errors.append(f"train.head: classifier needs a classification task; {task_name} is {task.kind}")
         if not sections["task"].train_file and not task.hub_dataset:

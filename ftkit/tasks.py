@@ -6,10 +6,14 @@ A task turns a data source into training examples and scores predictions:
     examples = [task.format(r) for r in rows]  # Example(input, target, references)
     scores = task.metrics(predictions, [e.references for e in examples])
 
-Loaders read local files (and the hub, where ``hub_dataset`` is set and ``path`` is None); they
-yield one canonical row per training example (a task whose raw rows hold several examples, such
-as HC3's list of answers, explodes them in its loader, so ``format`` stays one row in, one
-example out).
+A task names the ``fields`` its canonical rows hold. ftkit reads the file itself (JSONL, JSON,
+CSV, TSV, Parquet, saved Arrow; see :mod:`ftkit.sources`), maps the dataset's own columns onto
+those fields (``task.columns`` in a recipe, else each field's name and aliases), and applies the
+recipe's ``label_map`` / ``drop_labels``. A task whose rows are plain fields needs nothing more;
+a task whose records need work (HC3's list of answers, chat turns) gives ``parse``, which turns
+one source record into canonical rows (several when a record holds several examples, so
+``format`` stays one row in, one example out). ``load`` remains the plugin's own entry point
+(used for the hub, where ``hub_dataset`` is set and ``path`` is None).
 """
 
 from __future__ import annotations
@@ -46,6 +50,22 @@ Synthesizer = Callable[..., Iterable[Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
+class Field:
+    """A field of a task's canonical rows, and where ftkit finds it in a dataset.
+
+    ``aliases`` are the column names tried, in order, after the field's own name when the recipe's
+    ``task.columns`` does not name one (the layouts the task's public datasets use). ``key`` says
+    whether the field is part of the text compared for duplicates and train/test overlap.
+    """
+
+    name: str
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+    required: bool = True
+    key: bool = True
+
+
+@dataclass(frozen=True)
 class Example:
     """One training/evaluation example.
 
@@ -78,7 +98,8 @@ class Task:
         format: Turns one canonical row into an :class:`Example`.
         metrics: Scores predictions against references; higher is better for ``headline_metric``.
         headline_metric: The key of ``metrics``' result that reports lead with.
-        labels: The default label set (classification only); recipes may override it.
+        labels: The fixed label set (classification only), which recipes may override and
+            ``label_map`` maps onto; None: the labels are the training data's own.
         hub_dataset: ``source:id`` of the public copy, e.g. ``modelscope:simpleai/HC3-Chinese``.
         data_format: One line on the file layout the loader accepts, shown by ``tasks show``.
         default_head: ``classifier`` (sequence-classification head) or ``causal`` (generate text).
@@ -90,6 +111,8 @@ class Task:
             or a JSON array (default: :func:`ftkit.data.read_records`).
         sample_data: Optional; a small file the loader accepts (shipped as package data), which
             ``ftkit plugins check`` and :mod:`ftkit.testing` use when no data file is given.
+        fields: The fields of the canonical rows (see :class:`Field`); ``task.columns`` maps onto them.
+        group_by: Optional; the field whose rows always land in the same split (HC3: question).
     """
 
     name: str
@@ -108,6 +131,8 @@ class Task:
     parse: Parser | None = None
     read: Reader | None = None
     sample_data: str | os.PathLike[str] | None = None
+    fields: tuple[Field, ...] = ()
+    group_by: str | None = None
 
     def check(self) -> None:
         """Raise :class:`PluginError` naming every way this task breaks the contract."""
@@ -125,8 +150,8 @@ class Task:
             if getattr(self, attr) is not None and not callable(getattr(self, attr)):
                 problems.append(f"`{attr}` must be callable or None")
         if self.kind == "classification":
-            if not self.labels or len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-                problems.append("a classification task needs `labels`: two or more distinct names")
+            if self.labels is not None and (len(set(self.labels)) != len(self.labels) or len(self.labels) < 2):
+                problems.append("`labels` must be two or more distinct names, or None (labels from the data)")
         elif self.labels is not None:
             problems.append("`labels` is only for classification tasks")
         if self.sample_data is not None and not isinstance(self.sample_data, (str, os.PathLike)):
@@ -135,6 +160,10 @@ class Task:
             problems.append(f"`default_head` {self.default_head!r} must be classifier or causal")
         if self.default_head == "classifier" and self.kind != "classification":
             problems.append("`default_head` classifier needs kind classification")
+        if not all(isinstance(f, Field) for f in self.fields) or len({f.name for f in self.fields}) != len(self.fields):
+            problems.append("`fields` must be distinct ftkit.Field entries")
+        if self.parse is None and self.fields and self.kind == "classification" and "label" not in {f.name for f in self.fields}:
+            problems.append("a classification task reading plain fields needs a `label` field")
         if not self.headline_metric:
             problems.append("`headline_metric` must name a key of the metrics result")
         if problems:

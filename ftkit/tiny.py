@@ -103,19 +103,15 @@ def tiny_cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ftkit"
 
 
-def emotion_quickstart_path() -> Path:
-    """The bundled offline emotion dataset (``{"text","emotion","intensity","trigger"}`` rows)."""
-    return Path(str(resources.files("ftkit.assets").joinpath("emotion_quickstart.jsonl")))
-
-
 def tokenizer_corpus() -> list[str]:
-    """The text the tokenizer is trained on: the bundled dataset, its labels, and filler."""
-    texts: list[str] = []
-    with emotion_quickstart_path().open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                texts += [row["text"], row["emotion"], row["trigger"]]
+    """The text the tokenizer is trained on: sentences of the kind the quickstart uses, and filler.
+
+    ``tiny_tokenizer_corpus.txt`` holds the sentences, labels and triggers of the emotion plugin's
+    sample data, one per line: the tokenizer is the tiny model's own asset, so core keeps this
+    copy rather than reading a plugin's data.
+    """
+    corpus = resources.files("ftkit.assets").joinpath("tiny_tokenizer_corpus.txt").read_text(encoding="utf-8")
+    texts = [line for line in corpus.splitlines() if line]
     # Filler: chat roles, prompts and other tasks' kind of text (English, Simplified Chinese) should
     # tokenize compactly too, not byte by byte.
     filler = resources.files("ftkit.assets").joinpath("tiny_tokenizer_filler.txt").read_text(encoding="utf-8")

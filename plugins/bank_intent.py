@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ftkit.data import read_records, require_str
 
-LABELS = ("fraud_risk", "refund", "balance", "card_lost", "other")
-log = logging.getLogger("ftkit")
-
-
-def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
-    """``{"text", "label"}``; a label outside the label set is reported (a warning) and the row dropped."""
-    labels = tuple(options.get("labels") or LABELS)
-    text, label = require_str(record, "text", where), require_str(record, "label", where).strip()
-    if label not in labels:
-        log.warning("%s: dropped row with label %r (not in the label set %s)", where, label, ", ".join(labels))
-        return
-    yield {"text": text, "label": label}
+#: The intents of the original example card; only an example: a run's labels are its data's own.
+EXAMPLE_LABELS = ("fraud_risk", "refund", "balance", "card_lost", "other")
+FIELDS = (
+    ftkit.Field("text", "the customer's message"),
+    ftkit.Field("label", "the intent (BANKING77's CSV calls it category)", aliases=("category", "intent")),
+)
 
 
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"text", "label"}`` from a JSONL file."""
+    """Rows ``{"text", "label"}`` from any file ftkit reads (JSONL, JSON, CSV, TSV, Parquet, Arrow)."""
     if path is None:
-        raise DataError("the bank-intent task has no hub dataset: set `task.train_file` to a JSONL file")
-    for where, record in read_records(path):
-        yield from parse(record, where, **options)
+        raise DataError("the bank-intent task has no hub dataset: set `task.train_file` to your data file")
+    from ftkit.sources import DataMapping, load_task_data
+
+    labels = tuple(options.pop("labels", ()) or ())
+    yield from load_task_data(TASK, path, DataMapping(labels=labels, options=options)).rows()
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -45,17 +39,17 @@ def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
 
 TASK = ftkit.Task(
     name="bank-intent",
-    description="Bank customer-service intent classification (labels overridable in the recipe)",
+    description="Bank customer-service intent classification (labels from your data, e.g. BANKING77's 77)",
     kind="classification",
-    labels=LABELS,
+    labels=None,
     load=load,
-    parse=parse,
+    fields=FIELDS,
     format=format_example,
     metrics=metrics,
     headline_metric="macro_f1",
     default_head="classifier",
-    data_format='JSONL rows {"text","label"}',
-    options={"labels": "the intent label set (default: " + ", ".join(LABELS) + ")"},
+    data_format='rows {"text","label"} (BANKING77\'s CSV text,category is read as is); JSONL, JSON, CSV, TSV, '
+                'Parquet or a saved dataset; integer labels map through the dataset\'s label names',
 )
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import ftkit
-from ftkit.data import read_records, require_str
 from ftkit.errors import DataError
-from ftkit.tiny import emotion_quickstart_path
 
 from .emotion_synth import synthesize
 
@@ -17,25 +16,21 @@ LABELS = ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
 INSTRUCTION = "判斷下面這句話表達的情緒，只回答其中一個：" + "、".join(LABELS) + "。"
 
 
-def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[str, Any]]:
-    """A raw row (``text``/``emotion``) or an Alpaca row (``input``/``output``) -> ``{"text", "label"}``."""
-    labels = tuple(options.get("labels") or LABELS)
-    if "emotion" in record or "text" in record:
-        text, label = require_str(record, "text", where), require_str(record, "emotion", where)
-    else:
-        text, label = require_str(record, "input", where), require_str(record, "output", where)
-    label = label.strip()
-    if label not in labels:
-        raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
-    yield {"text": text, "label": label}
+FIELDS = (
+    ftkit.Field("text", "the sentence", aliases=("input",)),
+    ftkit.Field("label", "its emotion, one of the six labels (map others with task.label_map)",
+                aliases=("emotion", "output")),
+)
 
 
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows ``{"text", "label"}`` from a JSONL/JSON file of raw or Alpaca rows."""
+    """Rows ``{"text", "label"}`` from any file ftkit reads (JSONL, JSON, CSV, TSV, Parquet, Arrow)."""
     if path is None:
         raise DataError("the emotion task has no hub dataset: set `task.train_file` (see `ftkit data synth`)")
-    for where, record in read_records(path):
-        yield from parse(record, where, **options)
+    from ftkit.sources import DataMapping, load_task_data
+
+    labels = tuple(options.pop("labels", ()) or ())
+    yield from load_task_data(TASK, path, DataMapping(labels=labels, options=options)).rows()
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -54,14 +49,15 @@ TASK = ftkit.Task(
     kind="classification",
     labels=LABELS,
     load=load,
-    parse=parse,
+    fields=FIELDS,
     synthesize=synthesize,
     format=format_example,
     metrics=metrics,
     headline_metric="accuracy",
     default_head="causal",
-    data_format='JSONL/JSON rows {"text","emotion","intensity","trigger"} or Alpaca {"instruction","input","output"}',
-    sample_data=emotion_quickstart_path(),
+    data_format='rows {"text","label"} ({"text","emotion"} and Alpaca {"input","output"} are read as is); '
+                'JSONL, JSON, CSV, TSV, Parquet or a saved dataset; other columns via task.columns',
+    sample_data=Path(str(resources.files("ftkit_plugins.data").joinpath("emotion_quickstart.jsonl"))),
 )
 
 

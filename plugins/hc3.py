@@ -8,7 +8,7 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ftkit.data import read_records, require_str
+from ftkit.data import require_str
 
 LABELS = ("human", "chatgpt")
 HUB = "modelscope:simpleai/HC3-Chinese"
@@ -30,16 +30,19 @@ def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[s
 
 
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows from a local JSONL copy, or from the hub (``subset`` option) when path is None."""
+    """Rows from a local copy (any file ftkit reads), or from the hub (``subset`` option) when path is None."""
     if path is None:
         from ftkit.hub import load_hub_rows
 
         rows = load_hub_rows(HUB, subset=options.get("subset", "all"))
         records: Iterable[tuple[str, dict[str, Any]]] = ((f"{HUB}[{i}]", row) for i, row in enumerate(rows))
-    else:
-        records = read_records(path)
-    for where, record in records:
-        yield from parse(record, where, **options)
+        for where, record in records:
+            yield from parse(record, where, **options)
+        return
+    from ftkit.sources import DataMapping, load_task_data
+
+    labels = tuple(options.pop("labels", ()) or ())
+    yield from load_task_data(TASK, path, DataMapping(labels=labels, options=options)).rows()
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -60,6 +63,13 @@ TASK = ftkit.Task(
     labels=LABELS,
     load=load,
     parse=parse,
+    fields=(
+        ftkit.Field("question", "the question both kinds of answer reply to"),
+        ftkit.Field("human_answers", "a list of human answers"),
+        ftkit.Field("chatgpt_answers", "a list of ChatGPT answers"),
+    ),
+    # Answers to one question must not be both trained on and tested: split by question.
+    group_by="question",
     format=format_example,
     metrics=metrics,
     headline_metric="accuracy",

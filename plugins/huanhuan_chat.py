@@ -8,7 +8,7 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ftkit.data import read_records, require_str
+from ftkit.data import require_str
 
 DEFAULT_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 
@@ -27,11 +27,12 @@ def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[s
 
 
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
-    """Rows from huanhuan.json (a JSON array) or a JSONL file of the same objects."""
+    """Rows from huanhuan.json (a JSON array), or the same objects in any file ftkit reads."""
     if path is None:
         raise DataError("the huanhuan-chat task has no hub dataset: set `task.train_file` to huanhuan.json")
-    for where, record in read_records(path):
-        yield from parse(record, where, **options)
+    from ftkit.sources import DataMapping, load_task_data
+
+    yield from load_task_data(TASK, path, DataMapping(options=options)).rows()
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:
@@ -51,6 +52,11 @@ TASK = ftkit.Task(
     kind="generation",
     load=load,
     parse=parse,
+    fields=(
+        ftkit.Field("instruction", "what the user says"),
+        ftkit.Field("input", "more user text (may be empty)", required=False),
+        ftkit.Field("output", "the reply in role"),
+    ),
     format=format_example,
     metrics=metrics,
     headline_metric="rougeL",

@@ -9,7 +9,7 @@ from typing import Any
 
 import ftkit
 from ftkit.errors import DataError
-from ftkit.data import OnError, read_json, read_records, require_str
+from ftkit.data import OnError, read_json, require_str
 
 HUB = "huggingface:rajpurkar/squad"
 INSTRUCTION = "Answer the question with a span copied from the context."
@@ -46,7 +46,7 @@ def parse(record: dict[str, Any], where: str, **options: Any) -> Iterator[dict[s
 
 
 def records(path: str | Path, on_error: OnError = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` from SQuAD v1.1 JSON (``data → paragraphs → qas``) or flat JSONL/JSON."""
+    """``(where, record)`` from SQuAD v1.1 JSON (``data → paragraphs → qas``), else any flat file ftkit reads."""
     path = Path(path)
     if path.suffix == ".json":
         data = read_json(path)
@@ -55,7 +55,9 @@ def records(path: str | Path, on_error: OnError = None) -> Iterator[tuple[str, d
                 raise DataError(f"{path}: expected SQuAD JSON with a 'data' list (data → paragraphs → qas)")
             yield from _nested(path, data["data"])
             return
-    yield from read_records(path, on_error)
+    from ftkit.sources import source_records
+
+    yield from source_records(path)
 
 
 def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, Any]]:
@@ -91,12 +93,21 @@ TASK = ftkit.Task(
     load=load,
     parse=parse,
     read=records,
+    fields=(
+        ftkit.Field("id", "the question's id", required=False, key=False),
+        ftkit.Field("context", "the paragraph"),
+        ftkit.Field("question", "the question"),
+        ftkit.Field("answers", "answer texts: a list, or SQuAD's {text: [...], answer_start: [...]}"),
+    ),
+    # Questions about one paragraph must not be both trained on and tested: split by paragraph.
+    group_by="context",
     format=format_example,
     metrics=metrics,
     headline_metric="f1",
     hub_dataset=HUB,
     options={"split": "hub split to read when no file is given (train or validation)"},
-    data_format='SQuAD v1.1 JSON (data → paragraphs → qas) or JSONL {"id","context","question","answers"}',
+    data_format='SQuAD v1.1 JSON (data → paragraphs → qas), or flat rows {"id","context","question","answers"} '
+                '(JSONL, JSON, CSV, TSV, Parquet or a saved dataset: the Hugging Face layout)',
 )
 
 

@@ -178,8 +178,8 @@ def test_unshard_restores_the_order_of_strided_shards():
 
 def ds_recipe(tmp_path: Path, deepspeed: str) -> Path:
     text = QUICKSTART.read_text(encoding="utf-8").replace(
-        'train_file = "../ftkit/assets/emotion_quickstart.jsonl"',
-        f'train_file = {json.dumps(str(ROOT / "ftkit" / "assets" / "emotion_quickstart.jsonl"))}',
+        'train_file = "../plugins/data/emotion_quickstart.jsonl"',
+        f'train_file = {json.dumps(str(ROOT / "plugins" / "data" / "emotion_quickstart.jsonl"))}',
     ).replace("[train]\n", f"[train]\ndeepspeed = {json.dumps(deepspeed)}\n")
     recipe = tmp_path / "recipes" / "ds.toml"
     recipe.parent.mkdir()

@@ -94,7 +94,7 @@ def test_bench_script_rewrites_the_bundled_file_byte_for_byte(tmp_path: Path) ->
     spec.loader.exec_module(module)
     out = tmp_path / "quickstart.jsonl"
     module.main(["--out", str(out)])
-    assert out.read_bytes() == (ROOT / "ftkit" / "assets" / "emotion_quickstart.jsonl").read_bytes()
+    assert out.read_bytes() == (ROOT / "plugins" / "data" / "emotion_quickstart.jsonl").read_bytes()
 
 
 def test_task_wires_synthesize_without_importing_sdks() -> None:

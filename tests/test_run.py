@@ -64,7 +64,7 @@ def test_set_overrides_and_dry_run_prints_the_resolved_recipe():
     assert result.exit_code == 0, result.output
     assert "lr = 2e-05" in result.output
     assert 'name = "qlora"' in result.output
-    assert f'train_file = "{ROOT / "ftkit" / "assets" / "emotion_quickstart.jsonl"}"' in result.output
+    assert f'train_file = "{ROOT / "plugins" / "data" / "emotion_quickstart.jsonl"}"' in result.output
     bad = CliRunner().invoke(main, ["run", str(QUICKSTART), "--dry-run", "--set", "lr=1"])
     assert bad.exit_code == 2
     assert "expected SECTION.KEY=VALUE" in bad.output

@@ -7,13 +7,72 @@ from pathlib import Path
 import click
 
 from ftkit.cli.output import display_width, print_json, warn
+from ftkit.errors import UsageError
 
 TASK = click.argument("task_name", metavar="TASK")
-LABELS = click.option("--labels", help="Comma-separated label set (classification), instead of the task's default.")
 
 
-def _options(labels: str | None) -> dict:
-    return {"labels": [label.strip() for label in labels.split(",") if label.strip()]} if labels else {}
+def mapping_options(command):  # noqa: ANN001, ANN201 - a click command
+    """The recipe's data-mapping keys as flags, or ``--recipe FILE`` to take them from a recipe."""
+    options = [
+        click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+                     help="Take columns, label_map, drop_labels, group_by, labels and options from this "
+                          "recipe's [task] (flags given too override it)."),
+        click.option("--columns", metavar="FIELD=COLUMN,...",
+                     help="Map the task's fields onto your columns, e.g. --columns text=content,label=category."),
+        click.option("--label-map", metavar="SOURCE=LABEL,...",
+                     help="Rename your labels to the task's, e.g. --label-map happiness=喜悅,sadness=悲傷."),
+        click.option("--drop-labels", metavar="LABEL,...", help="Skip rows with these labels (as in your data)."),
+        click.option("--group-by", metavar="COLUMN", help="Rows sharing this column stay in one split."),
+        click.option("--labels", help="Comma-separated label set (classification), instead of the task's or the data's."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _pairs(text: str | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"{flag}: expected KEY=VALUE pairs separated by commas, got {item.strip()!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _items(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
+
+
+def _mapping(task, recipe_path: str | None, columns: str | None, label_map: str | None,  # noqa: ANN001, ANN202
+             drop_labels: str | None, group_by: str | None, labels: str | None):
+    """The DataMapping from ``--recipe`` and the flags, checked against the task like a recipe is."""
+    from ftkit.sources import DataMapping, mapping_errors
+
+    base = DataMapping()
+    if recipe_path:
+        from ftkit.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        if recipe.task.name != task.name:
+            raise UsageError(f"--recipe: {recipe_path} is for task {recipe.task.name!r}, not {task.name!r}")
+        base = DataMapping.from_section(recipe.task)
+    mapping = DataMapping(
+        columns=_pairs(columns, "--columns") or base.columns,
+        label_map=_pairs(label_map, "--label-map") or base.label_map,
+        drop_labels=_items(drop_labels) or base.drop_labels,
+        group_by=group_by or base.group_by,
+        labels=_items(labels) or base.labels,
+        options=base.options,
+    )
+    errors = mapping_errors(task, mapping, prefix="--")
+    if errors:
+        raise UsageError("; ".join(e.replace("--columns.", "--columns ").replace("--label_map.", "--label-map ")
+                                   .replace("--drop_labels", "--drop-labels") for e in errors))
+    return mapping
 
 
 def _task(name: str):  # noqa: ANN202
@@ -26,8 +85,14 @@ def _task(name: str):  # noqa: ANN202
 Examples:
   $ ftkit data synth emotion -n 600 -o emotion.jsonl
   $ ftkit data validate emotion emotion.jsonl --seq 256
-  $ ftkit data split emotion emotion.jsonl -o data/ --test-size 0.2
+  $ ftkit data validate bank-intent banking77.csv --columns label=category --test test.csv
+  $ ftkit data validate emotion corpus.jsonl --columns text=content --label-map happiness=喜悅 --drop-labels like
+  $ ftkit data validate emotion corpus.jsonl --recipe my_emotion.toml
+  $ ftkit data split hc3 hc3.jsonl -o data/ --test-size 0.2        # grouped by question
   $ ftkit data format emotion emotion.jsonl -o emotion_alpaca.jsonl
+
+Files: JSONL, JSON (an array, or an object holding one), CSV, TSV, Parquet, or a folder written
+by Dataset.save_to_disk.
 """)
 def data() -> None:
     """Make, check, convert and split a task's data files."""
@@ -58,12 +123,15 @@ def synth(task_name: str, count: int, output: Path, seed: int, mode: str | None,
 @TASK
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@LABELS
-def format_command(task_name: str, path: Path, output: Path, labels: str | None) -> None:
+@mapping_options
+def format_command(task_name: str, path: Path, output: Path, recipe_path: str | None, columns: str | None,
+                   label_map: str | None, drop_labels: str | None, group_by: str | None, labels: str | None) -> None:
     """Convert PATH from the task's raw layout to training form (Alpaca instruction/input/output)."""
     from ftkit.datatools import format_file
 
-    written = format_file(_task(task_name), path, output, _options(labels))
+    task = _task(task_name)
+    mapping = _mapping(task, recipe_path, columns, label_map, drop_labels, group_by, labels)
+    written = format_file(task, path, output, mapping)
     click.echo(f"Wrote {written} rows to {output}")
 
 
@@ -75,19 +143,27 @@ def format_command(task_name: str, path: Path, output: Path, labels: str | None)
 @click.option("--tokenizer", help="Model folder (or tokenizer.json) to count tokens with; default: the built-in tiny model's.")
 @click.option("--max-ratio", type=click.FloatRange(min=1), default=3.0, show_default=True,
               help="Warn when the largest class is this many times the smallest.")
-@LABELS
+@click.option("--test", "test_path", type=click.Path(path_type=Path),
+              help="A test file: report exact and near-duplicate overlap with PATH, and unseen labels.")
+@mapping_options
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-def validate(task_name: str, path: Path, seq: int, tokenizer: str | None, max_ratio: float, labels: str | None,
-             as_json: bool) -> None:
+def validate(task_name: str, path: Path, seq: int, tokenizer: str | None, max_ratio: float, test_path: Path | None,
+             recipe_path: str | None, columns: str | None, label_map: str | None, drop_labels: str | None,
+             group_by: str | None, labels: str | None, as_json: bool) -> None:
     """Check every row of PATH: bad rows with file:line, duplicates, class balance, token lengths.
 
-    Exits 1 when any row is bad, so it can gate a pipeline.
+    With --test, also how many test texts appear in PATH exactly or nearly (same text after
+    normalizing case, width, spaces and punctuation). Exits 1 when any row is bad, so it can gate
+    a pipeline.
     """
     from dataclasses import asdict
 
     from ftkit.datatools import validate_file
 
-    report = validate_file(_task(task_name), path, _options(labels), seq=seq, max_ratio=max_ratio, tokenizer=tokenizer)
+    task = _task(task_name)
+    mapping = _mapping(task, recipe_path, columns, label_map, drop_labels, group_by, labels)
+    report = validate_file(task, path, mapping, seq=seq, max_ratio=max_ratio, tokenizer=tokenizer,
+                           test_path=test_path)
     if as_json:
         print_json(asdict(report) | {"ok": report.ok})
     else:
@@ -98,6 +174,8 @@ def validate(task_name: str, path: Path, seq: int, tokenizer: str | None, max_ra
 
 def _print_validation(report, max_ratio: float) -> None:  # noqa: ANN001
     click.secho(f"{report.path}: {report.records} records, {report.examples} examples ({report.task})", bold=True)
+    if report.dropped:
+        click.echo("  dropped: " + ", ".join(f"{n} ({why})" for why, n in report.dropped.items()))
     for error in report.errors[:50]:
         click.secho(f"  error: {error}", fg="red")
     if len(report.errors) > 50:
@@ -123,6 +201,15 @@ def _print_validation(report, max_ratio: float) -> None:  # noqa: ANN001
         t = report.tokens
         click.echo(f"  tokens ({t['tokenizer']} tokenizer): p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
                    f"{t['truncated']} ({t['truncated_rate']:.1%}) longer than --seq {t['seq']}")
+    if report.test:
+        t = report.test
+        click.echo(f"  test {t['path']}: {t['examples']} examples; {t['exact_overlap']} also in training, "
+                   f"{t['near_overlap']} nearly (case, width, spaces, punctuation)")
+        for text in t["overlap_examples"]:
+            click.echo(f"    {text[:60]!r}")
+        if t["exact_overlap"] or t["near_overlap"]:
+            warn(f"{t['path']}: {t['exact_overlap'] + t['near_overlap']} test text(s) also appear in training; "
+                 "remove them from one side (ftkit run drops exact copies from training)")
     click.secho("  ok" if report.ok else f"  {len(report.errors)} problem(s)", fg="green" if report.ok else "red")
 
 
@@ -132,20 +219,32 @@ def _print_validation(report, max_ratio: float) -> None:  # noqa: ANN001
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for train.jsonl and test.jsonl.")
 @click.option("--test-size", type=float, default=0.2, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@LABELS
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="The same seed (train.seed in a recipe) gives the same split as `ftkit run`.")
+@mapping_options
 @click.option("--json", "as_json", is_flag=True)
-def split(task_name: str, path: Path, out_dir: Path, test_size: float, seed: int, labels: str | None,
-          as_json: bool) -> None:
-    """Split PATH into train/test, stratified by label with a fixed seed; report overlap."""
+def split(task_name: str, path: Path, out_dir: Path, test_size: float, seed: int, recipe_path: str | None,
+          columns: str | None, label_map: str | None, drop_labels: str | None, group_by: str | None,
+          labels: str | None, as_json: bool) -> None:
+    """Split PATH into train.jsonl/test.jsonl: stratified by label, grouped, seeded; report overlap.
+
+    The split is the one `ftkit run` makes from the same file and seed. Rows sharing --group-by
+    (by default the task's: HC3's question, SQuAD's paragraph) stay on one side. Each row is
+    written with its own source fields.
+    """
     from ftkit.datatools import split_file
 
-    result = split_file(_task(task_name), path, out_dir, _options(labels), test_size=test_size, seed=seed)
+    task = _task(task_name)
+    mapping = _mapping(task, recipe_path, columns, label_map, drop_labels, group_by, labels)
+    result = split_file(task, path, out_dir, mapping, test_size=test_size, seed=seed)
     if as_json:
         print_json(result)
         return
-    how = "stratified by label" if result["stratified"] else "random"
+    how = ("stratified by label" if result["stratified"] else "random") + (
+        f", grouped by {result['grouped_by']}" if result["grouped_by"] else "")
     click.echo(f"train: {result['train']}  test: {result['test']}  ({how}, seed {seed}) -> {out_dir}")
+    if result["dropped"]:
+        click.echo("dropped: " + ", ".join(f"{n} ({why})" for why, n in result["dropped"].items()))
     if result["test_classes"]:
         click.echo("test classes: " + ", ".join(f"{k} {v}" for k, v in sorted(result["test_classes"].items())))
     if result["overlap"]:

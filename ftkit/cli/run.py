@@ -26,7 +26,10 @@ Examples:
 @click.pass_context
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit without training.")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything but the model: print the resolved recipe, load and check the data with the "
+                   "mapping (counts per split, labels, what was dropped), and the memory estimate.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print it all as one JSON object.")
 @click.option("--overwrite", is_flag=True, help="Replace output.dir if it exists (only once the new run is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its newest complete checkpoint.")
 @click.option("--auto-fit", is_flag=True,
@@ -35,8 +38,8 @@ Examples:
 @click.option("--nproc", type=click.IntRange(min=1), metavar="N",
               help="Train with N processes on this machine (data parallel, one GPU each; gloo on the CPU): "
                    "re-launches this command under torchrun. Effective batch = batch_size x grad_accum x N.")
-def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_run: bool, overwrite: bool,
-        resume: bool, auto_fit: bool, nproc: int | None) -> None:
+def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_run: bool, as_json: bool,
+        overwrite: bool, resume: bool, auto_fit: bool, nproc: int | None) -> None:
     """Fine-tune as RECIPE says; evaluate base and fine-tuned models on the same test split.
 
     Leaves in output.dir: the adapter (safetensors) and tokenizer, labels.json, recipe.toml,
@@ -52,10 +55,10 @@ def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_ru
     if nproc is not None and distributed.world_size() > 1:
         raise UsageError(f"--nproc: this is already one of {distributed.world_size()} processes started by a "
                          "launcher; drop --nproc")
+    if as_json and not dry_run:
+        raise UsageError("--json: only with --dry-run (a run's results are in its metrics.json)")
     if dry_run:
-        click.echo(f"# resolved recipe: {recipe_path}")
-        click.echo(recipe.to_toml())
-        _print_dry_run_estimate(recipe, auto_fit, nproc or distributed.world_size())
+        _dry_run(recipe, recipe_path, auto_fit, nproc or distributed.world_size(), as_json)
         return
     if nproc is not None and nproc > 1:
         _check_gpu_count(nproc)
@@ -78,7 +81,46 @@ def _check_gpu_count(nproc: int) -> None:
         raise UsageError(f"--nproc: {nproc} processes but {len(devices)} GPU(s) here; use at most {len(devices)}")
 
 
-def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1) -> None:  # noqa: ANN001
+def _dry_run(recipe, recipe_path: str, auto_fit: bool, gpus: int, as_json: bool) -> None:  # noqa: ANN001
+    """The resolved recipe, the data as the run would load it, and the memory estimate; no model."""
+    from ftkit.plugins import get_task
+    from ftkit.prepare import split_data
+
+    task = get_task(recipe.task.name)
+    data = split_data(task, recipe)
+    summary = data.summary()
+    if as_json:
+        estimate = _estimate(recipe, task, len(data.labels or ()) or 2, gpus)
+        print_json({"recipe": recipe.to_dict(), "data": summary,
+                    "estimate": None if estimate is None else estimate.to_dict()})
+        return
+    click.echo(f"# resolved recipe: {recipe_path}")
+    click.echo(recipe.to_toml())
+    source = recipe.task.train_file or task.hub_dataset
+    click.echo(f"# data ({source}): {summary['train_examples']} train / {summary['test_examples']} test examples")
+    if data.labels:
+        shown = ", ".join(data.labels[:20]) + (f", ... ({len(data.labels)} in all)" if len(data.labels) > 20 else "")
+        origin = ("task.labels" if recipe.task.labels else f"{task.name}'s label set" if task.labels
+                  else "the training data")
+        click.echo(f"# labels ({len(data.labels)}, from {origin}): {shown}")
+    for why, n in summary["dropped"].items():
+        click.echo(f"# dropped: {n} rows ({why})")
+    for note in data.notes:
+        click.echo(f"# {note}")
+    _print_dry_run_estimate(recipe, auto_fit, gpus, len(data.labels or ()) or 2)
+
+
+def _estimate(recipe, task, num_labels: int, gpus: int):  # noqa: ANN001, ANN202
+    from ftkit import fit
+
+    head = recipe.train.head if recipe.train.head != "auto" else task.default_head
+    shape = fit.recipe_shape(recipe)
+    if shape is None:
+        return None
+    return fit.estimate(shape, fit.recipe_settings(recipe, head, num_labels, gpus=gpus))
+
+
+def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1, num_labels: int = 2) -> None:  # noqa: ANN001
     """The memory estimate per device, as TOML comments after the resolved recipe (no torch import)."""
     from ftkit import fit
     from ftkit.plugins import get_task
@@ -91,7 +133,7 @@ def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1) -> None:  # n
         click.echo(f"# memory estimate: not available for {recipe.model.id} (not a Llama-style decoder whose "
                    "config is known or cached here)")
         return
-    settings = fit.recipe_settings(recipe, head, len(task.labels or ()) or 2, gpus=gpus)
+    settings = fit.recipe_settings(recipe, head, num_labels, gpus=gpus)
     result = fit.estimate(shape, settings)
     per = f", per device of {gpus}, effective batch {settings.effective_batch}" if gpus > 1 else ""
     click.echo(f"# memory estimate ({shape.name}, for a CUDA GPU{per}): {fit.describe(result)}")

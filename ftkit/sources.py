@@ -1,0 +1,669 @@
+"""A task's data, from any published layout to one canonical table: read, map, check, label.
+
+    source file/folder/hub ──read_source──▶ Arrow table of source columns
+        ──task.columns / aliases──▶ the task's fields ──parse (if the task has one)──▶ canonical rows
+        ──drop_labels, label_map, label set──▶ TaskData (canonical Arrow table + what was dropped)
+
+Files are read through the ``datasets`` library (JSONL, JSON, CSV, TSV, Parquet, a folder written
+by ``Dataset.save_to_disk``), so a large file stays a memory-mapped Arrow table: the checks, label
+mapping and splitting below are column operations, and Python objects per row (``Example``) are
+made only for what is trained or evaluated. Errors still name ``file:line`` (``file[i]`` for JSON
+arrays, Parquet and Arrow), worked out only when there is something to report.
+
+Every canonical table carries three bookkeeping columns: ``_row`` (the source record a row came
+from, for ``file:line``), ``_group`` (rows sharing it always land in the same split: the
+``group_by`` column, else the source record) and ``_key`` (the text compared for duplicates and
+train/test overlap).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftkit.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from ftkit.tasks import Example, Task
+
+BOOKKEEPING = ("_row", "_group", "_key")
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+            ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = "JSONL, JSON, CSV, TSV, Parquet, or a folder written by Dataset.save_to_disk"
+BATCH = 4096
+
+
+# -- the mapping a recipe (or `ftkit data --columns ...`) gives ---------------------------------
+
+@dataclass(frozen=True)
+class DataMapping:
+    """How a dataset's own layout maps onto a task's fields and labels (the recipe's ``task.*`` keys)."""
+
+    columns: Mapping[str, str] = field(default_factory=dict)
+    label_map: Mapping[str, str] = field(default_factory=dict)
+    drop_labels: tuple[str, ...] = ()
+    group_by: str = ""
+    labels: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_section(cls, section: Any) -> DataMapping:
+        """From a recipe's ``[task]`` section."""
+        return cls(columns=dict(section.columns), label_map=dict(section.label_map),
+                   drop_labels=tuple(section.drop_labels), group_by=section.group_by,
+                   labels=tuple(section.labels), options=dict(section.options))
+
+
+def mapping_errors(task: Task, mapping: DataMapping, prefix: str = "task.") -> list[str]:
+    """What is wrong with ``mapping`` for ``task`` before any data is read (recipe validation)."""
+    import difflib
+
+    errors = []
+    known = [f.name for f in task.fields]
+    for name in mapping.columns:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; {task.name} reads {', '.join(known) or 'no named fields'}"
+            errors.append(f"{prefix}columns.{name}: unknown field for {task.name}{hint}")
+    if task.kind != "classification":
+        for key in ("label_map", "drop_labels"):
+            if getattr(mapping, key):
+                errors.append(f"{prefix}{key}: {task.name} is a {task.kind} task; {key} is for classification")
+        return errors
+    allowed = mapping.labels or task.labels
+    if allowed:
+        for source, target in mapping.label_map.items():
+            if target not in allowed:
+                errors.append(f"{prefix}label_map.{source}: {target!r} is not one of the labels "
+                              f"({', '.join(allowed)})")
+    both = sorted(set(mapping.drop_labels) & set(mapping.label_map))
+    if both:
+        errors.append(f"{prefix}drop_labels: {', '.join(both)} also in label_map; a label is either mapped or dropped")
+    return errors
+
+
+# -- reading a source into an Arrow table --------------------------------------------------------
+
+@dataclass
+class Source:
+    """A read data source: its Arrow table of source columns and how to name a row in messages."""
+
+    name: str
+    table: pa.Table
+    kind: str
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # ClassLabel columns: int -> name
+    _lines: list[int] | None = None
+
+    def where(self, index: int) -> str:
+        """``file:line`` for line-based files, ``file[i]`` otherwise."""
+        if self.kind in ("jsonl", "csv", "tsv"):
+            return f"{self.name}:{self._line_of(index)}"
+        return f"{self.name}[{index}]"
+
+    def _line_of(self, index: int) -> int:
+        if self._lines is None:
+            self._lines = _record_lines(Path(self.name), self.kind)
+        return self._lines[index] if index < len(self._lines) else index + 1
+
+
+def _record_lines(path: Path, kind: str) -> list[int]:
+    """The line on which each record starts (computed only when a message needs one)."""
+    if kind == "jsonl":
+        with path.open("rb") as handle:
+            return [n for n, line in enumerate(handle, start=1) if line.strip()]
+    lines, delimiter = [], "\t" if kind == "tsv" else ","
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        start = 1
+        for n, _ in enumerate(reader):
+            if n:  # the header is not a record
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines
+
+
+def _quiet_datasets():  # noqa: ANN202 - the datasets module
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    return datasets
+
+
+def source_kind(path: Path) -> str:
+    if path.is_dir():
+        return "arrow"
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unknown data file type {path.suffix or '(no suffix)'!r}; use {FORMATS}")
+    return kind
+
+
+def read_source(path: str | Path) -> Source:
+    """A local file or folder as an Arrow table (memory-mapped where ``datasets`` caches it)."""
+    path = Path(path)
+    if not path.exists():
+        if not path.parent.exists() and path.parent != path:
+            raise DataError(f"{path}: no such file; check the path")
+        raise DataError(f"{path}: no such file; check the path")
+    if path.is_dir() and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise DataError(f"{path}: is a folder, expected a data file (or a folder written by Dataset.save_to_disk)")
+    kind = source_kind(path)
+    try:
+        if kind == "jsonl":
+            return _read_jsonl(path)
+        if kind == "json":
+            return _read_json(path)
+        if kind in ("csv", "tsv"):
+            return _read_csv(path, kind)
+        if kind == "parquet":
+            return _from_dataset(str(path), kind, _load("parquet", path))
+        return _read_saved(path)
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; check the file's permissions") from None
+
+
+def _load(builder: str, path: Path, **kwargs: Any):  # noqa: ANN202 - a datasets.Dataset
+    datasets = _quiet_datasets()
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except (ValueError, StopIteration) as error:
+        if "no data" in str(error) or isinstance(error, StopIteration):
+            raise DataError(f"{path}: the file is empty; it holds no rows") from None
+        raise DataError(f"{path}: cannot read it as {builder.upper()} ({error})") from None
+    except Exception as error:  # noqa: BLE001 - datasets wraps its readers' errors in its own
+        cause = error.__cause__ or error
+        raise DataError(f"{path}: cannot read it as {builder.upper()} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+
+
+def _from_dataset(name: str, kind: str, dataset) -> Source:  # noqa: ANN001
+    from datasets import ClassLabel, Json
+
+    classes = {col: list(feature.names) for col, feature in dataset.features.items() if isinstance(feature, ClassLabel)}
+    source = Source(name=name, table=dataset.data.table, kind=kind, class_names=classes)
+    mixed = [col for col, feature in dataset.features.items() if isinstance(feature, Json)]
+    if mixed:
+        _raise_mixed(source, dataset, mixed[0])
+    return source
+
+
+def _raise_mixed(source: Source, dataset, column: str) -> None:  # noqa: ANN001
+    """A column whose values are of several JSON types: name the first row that differs."""
+    first: str | None = None
+    for index, value in enumerate(dataset[column]):
+        if value is None:
+            continue
+        kind = type(value).__name__
+        if first is None:
+            first, first_at = kind, index
+        elif kind != first:
+            raise DataError(f"{source.where(index)}: column {column!r} mixes types ({kind} here, {first} at "
+                            f"{source.where(first_at)}); make every value of a column the same type")
+    raise DataError(f"{source.name}: column {column!r} mixes value types; make every value the same type")
+
+
+def _read_jsonl(path: Path) -> Source:
+    from ftkit.data import iter_jsonl
+
+    # datasets reads a line holding a JSON array as a text column, and reports a bad line without
+    # its number: look for lines that are not objects first (a byte scan), and let the line-by-line
+    # reader name the problem where there is one.
+    with path.open("rb") as handle:
+        suspect = any((line := raw.lstrip(b"\xef\xbb\xbf \t\r\n")) and not line.startswith(b"{") for raw in handle)
+    if suspect:
+        for _ in iter_jsonl(path):
+            pass
+    try:
+        dataset = _load("json", path)
+    except DataError:
+        for _ in iter_jsonl(path):  # raises the line's own error
+            pass
+        raise
+    if dataset.num_rows == 0:
+        raise DataError(f"{path}: the file is empty; it holds no rows")
+    return _from_dataset(str(path), "jsonl", dataset)
+
+
+def _read_json(path: Path) -> Source:
+    """A JSON array of objects, or an object holding one (``{"data": [...]}``, ``{"train": [...]}``)."""
+    import pyarrow as pa
+
+    from ftkit.data import read_json
+
+    data = read_json(path)
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of objects, or an object holding one array; "
+                            f"this object holds {len(lists)} arrays ({', '.join(lists) or 'none'})")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: the file is empty; it holds no rows")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}[{index}]: expected a JSON object, got {type(row).__name__}")
+    source = Source(name=str(path), table=pa.table({}), kind="json")
+    try:
+        source.table = pa.Table.from_pylist(data)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        column = _mixed_column(data)
+        types = {}
+        for index, row in enumerate(data):
+            value = row.get(column)
+            if value is None:
+                continue
+            kind = type(value).__name__
+            if types and kind not in types:
+                (first, at), = list(types.items())[:1]
+                raise DataError(f"{path}[{index}]: column {column!r} mixes types ({kind} here, {first} at "
+                                f"{path}[{at}]); make every value of a column the same type") from None
+            types.setdefault(kind, index)
+        raise DataError(f"{path}: its rows cannot form one table; make every value of a column the same type") from None
+    return source
+
+
+def _mixed_column(rows: list[dict]) -> str:
+    seen: dict[str, type] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is None:
+                continue
+            if key in seen and not isinstance(value, seen[key]):
+                return key
+            seen.setdefault(key, type(value))
+    return next(iter(seen), "")
+
+
+def _read_csv(path: Path, kind: str) -> Source:
+    from datasets import Features, Value
+
+    delimiter = "\t" if kind == "tsv" else ","
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), None)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason}); re-save the file as UTF-8") from None
+    if not header:
+        raise DataError(f"{path}: the file is empty; it holds no header and no rows")
+    if len(set(header)) != len(header):
+        twice = sorted({name for name in header if header.count(name) > 1})
+        raise DataError(f"{path}:1: the header names column(s) {', '.join(map(repr, twice))} more than once")
+    # Every column as text: type guessing would turn "007" into 7 and a label column into numbers.
+    features = Features({name: Value("string") for name in header})
+    dataset = _load("csv", path, delimiter=delimiter, features=features, keep_default_na=False, na_filter=False,
+                    encoding="utf-8-sig")
+    if dataset.num_rows == 0:
+        raise DataError(f"{path}: the file is empty; it has a header but no rows")
+    return _from_dataset(str(path), kind, dataset)
+
+
+def _read_saved(path: Path) -> Source:
+    datasets = _quiet_datasets()
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001 - datasets raises several types for a bad folder
+        raise DataError(f"{path}: cannot read it as a saved dataset ({type(error).__name__}: {error})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        raise DataError(f"{path}: holds a DatasetDict with splits {', '.join(splits)}; point at one split's "
+                        f"folder, e.g. {path / splits[0]}")
+    if dataset.num_rows == 0:
+        raise DataError(f"{path}: the dataset is empty; it holds no rows")
+    return _from_dataset(str(path), "arrow", dataset)
+
+
+# -- from source columns to the task's canonical rows --------------------------------------------
+
+@dataclass
+class TaskData:
+    """A task's canonical rows (Arrow) plus what happened on the way, for reports and dry runs."""
+
+    source: str
+    table: pa.Table
+    records: int
+    dropped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    where: Callable[[int], str] = str
+
+    @property
+    def labels(self) -> list[str] | None:
+        if "label" not in self.table.column_names:
+            return None
+        import pyarrow.compute as pc
+
+        return sorted(str(v) for v in pc.unique(self.table.column("label")).to_pylist())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, indices: Any) -> TaskData:
+        return TaskData(self.source, self.table.take(indices), self.records, self.dropped, self.errors, self.where)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Canonical rows as dicts, without the bookkeeping columns, batch by batch."""
+        table = self.table.drop_columns([c for c in BOOKKEEPING if c in self.table.column_names])
+        for batch in table.to_batches(BATCH):
+            yield from batch.to_pylist()
+
+    def examples(self, task: Task) -> list[Example]:
+        return [task.format(row) for row in self.rows()]
+
+
+def load_task_data(task: Task, path: str | Path | None, mapping: DataMapping, *, collect: bool = False,
+                   role: str = "train") -> TaskData:
+    """Read ``path`` (None: the task's hub dataset) into the task's canonical rows.
+
+    Strict by default: the first bad row raises a DataError naming it. With ``collect`` every
+    problem is listed in ``errors`` and bad rows are left out (``ftkit data validate``).
+    """
+    errors: list[str] = []
+
+    def fail(message: str) -> None:
+        if not collect:
+            raise DataError(message)
+        errors.append(message)
+
+    if path is None or str(path) == "":
+        data = _from_rows(task, _hub_rows(task, mapping), mapping, task.hub_dataset or "hub", lambda i: f"{task.hub_dataset}[{i}]")
+    elif task.parse is None and task.fields:
+        source = read_source(path)
+        data = _flat(task, source, mapping, fail)
+    elif task.parse is not None:
+        data = _parsed(task, Path(path), mapping, fail)
+    else:  # a third-party task with only a whole-file loader
+        rows = task.load(str(path), **_options(task, mapping))
+        data = _from_rows(task, ((i, None, row, row) for i, row in enumerate(rows)), mapping, str(path),
+                          lambda i: f"{path}[{i}]")
+    data.errors = errors + data.errors
+    _labels(task, data, mapping, fail)
+    if not len(data) and not data.errors:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in data.dropped.items())
+        raise DataError(f"{data.source}: no examples; " + (f"every row was dropped ({reasons})" if reasons
+                                                            else "the file is empty"))
+    return data
+
+
+def _options(task: Task, mapping: DataMapping) -> dict[str, Any]:
+    options = dict(mapping.options)
+    if mapping.labels:
+        options["labels"] = list(mapping.labels)
+    return options
+
+
+def _resolve_columns(task: Task, source: Source, mapping: DataMapping) -> dict[str, str]:
+    """Task field -> source column, from ``columns`` or else the field's own name and aliases."""
+    have = source.table.column_names
+    chosen: dict[str, str] = {}
+    for spec in task.fields:
+        wanted = mapping.columns.get(spec.name)
+        if wanted is not None:
+            if wanted not in have:
+                raise DataError(f"{source.name}: task.columns.{spec.name} names column {wanted!r}, which the file "
+                                f"does not have; its columns: {', '.join(have)}{_delimiter_hint(source)}")
+            chosen[spec.name] = wanted
+            continue
+        found = next((name for name in (spec.name, *spec.aliases) if name in have), None)
+        if found is not None:
+            chosen[spec.name] = found
+        elif spec.required:
+            names = " or ".join(repr(n) for n in (spec.name, *spec.aliases))
+            raise DataError(f"{source.name}: no column for the field {spec.name!r} (looked for {names}); its columns: "
+                            f"{', '.join(have)}; name it with task.columns, e.g. columns = "
+                            f"{{ {spec.name} = \"{have[0]}\" }}{_delimiter_hint(source)}")
+    return chosen
+
+
+def _delimiter_hint(source: Source) -> str:
+    """A CSV read with the wrong delimiter arrives as one column whose name holds the real ones."""
+    if source.kind in ("csv", "tsv") and len(source.table.column_names) == 1:
+        name = source.table.column_names[0]
+        for char, label in (("\t", "tabs"), (";", "semicolons"), ("|", "pipes"), (",", "commas")):
+            if char in name:
+                fix = "name the file .tsv" if char == "\t" else "save it with commas (or tabs, as .tsv)"
+                return f" (the header looks separated by {label}, not by " \
+                       f"{'tabs' if source.kind == 'tsv' else 'commas'}; {fix})"
+    return ""
+
+
+def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str], None]) -> TaskData:
+    """Tasks whose rows are plain fields: every check is a column operation (no Python per row)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chosen = _resolve_columns(task, source, mapping)
+    table = source.table
+    n = table.num_rows
+    bad = np.zeros(n, dtype=bool)
+    columns: dict[str, pa.Array] = {}
+    for spec in task.fields:
+        if spec.name not in chosen:
+            continue
+        name = chosen[spec.name]
+        column = table.column(name)
+        shown = spec.name if name == spec.name else f"{spec.name} (column {name!r})"
+        if spec.name == "label" and name in source.class_names:
+            column = pc.take(pa.array(source.class_names[name]), column)
+        elif spec.name == "label" and (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+            column = pc.cast(column, pa.string())
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+            first = int(pc.index(pc.is_valid(column), True).as_py())
+            type_name = type(table.column(name)[first].as_py()).__name__ if first >= 0 else str(column.type)
+            fail(f"{source.where(max(first, 0))}: field {shown} must be a string, got {type_name}")
+            bad[:] = True
+            continue
+        column = pc.cast(column, pa.string())
+        missing = pc.is_null(column).to_numpy(zero_copy_only=False)
+        if spec.required:
+            _report(missing & ~bad, source, f"missing field {shown}" if name == spec.name else f"{shown} is missing",
+                    fail)
+            bad |= missing
+        else:
+            column = pc.fill_null(column, "")
+        trimmed = pc.utf8_trim_whitespace(column)
+        if spec.required:
+            empty = pc.equal(trimmed, "").to_numpy(zero_copy_only=False)
+            empty &= ~bad
+            _report(empty, source, f"field {shown} is empty", fail)
+            bad |= empty
+        columns[spec.name] = trimmed if spec.name == "label" else column
+    keep = np.flatnonzero(~bad)
+    out = pa.table(columns) if columns else pa.table({"_": pa.nulls(n)})
+    out = out.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
+    if bad.any():
+        out = out.take(pa.array(keep))
+    out = out.append_column("_group", _group_column(task, source, mapping, out, chosen))
+    out = out.append_column("_key", _key_column(task, out))
+    return TaskData(source=source.name, table=out, records=n, where=source.where)
+
+
+def _report(mask: Any, source: Source, message: str, fail: Callable[[str], None]) -> None:
+    import numpy as np
+
+    for index in np.flatnonzero(mask)[:1000]:
+        fail(f"{source.where(int(index))}: {message}")
+
+
+def _group_column(task: Task, source: Source, mapping: DataMapping, out: pa.Table, chosen: dict[str, str]):  # noqa: ANN202
+    """The split group of each row: the ``group_by`` column's value, else its source record."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    group_by = mapping.group_by or task.group_by or ""
+    rows = out.column("_row")
+    if not group_by:
+        return pc.cast(rows, pa.string())
+    column = chosen.get(group_by, group_by)
+    if column not in source.table.column_names:
+        raise DataError(f"{source.name}: task.group_by names column {group_by!r}, which the file does not have; "
+                        f"its columns: {', '.join(source.table.column_names)}")
+    return pc.cast(pc.take(source.table.column(column), rows), pa.string())
+
+
+def _key_column(task: Task, table: pa.Table):  # noqa: ANN202
+    """What two rows must share to count as the same example: the task's text fields, joined."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = [f.name for f in task.fields if f.key and f.name != "label" and f.name in table.column_names]
+    texts = [table.column(name) for name in names if pa.types.is_string(table.column(name).type)
+             or pa.types.is_large_string(table.column(name).type)]
+    if not texts:
+        return pc.cast(table.column("_row"), pa.string())
+    if len(texts) == 1:
+        return texts[0]
+    return pc.binary_join_element_wise(*texts, "\n")
+
+
+def _parsed(task: Task, path: Path, mapping: DataMapping, fail: Callable[[str], None]) -> TaskData:
+    """Tasks with a ``parse`` function: one source record at a time, in Python."""
+    options = _options(task, mapping)
+    if task.read is not None:
+        try:
+            records: Iterator[tuple[str, dict]] = task.read(path, lambda e: fail(str(e)))
+        except TypeError:  # a reader without on_error
+            records = task.read(path)
+        name, where = str(path), str
+    else:
+        source = read_source(path)
+        missing = [col for col in mapping.columns.values() if col not in source.table.column_names]
+        if missing:
+            raise DataError(f"{source.name}: task.columns names column {missing[0]!r}, which the file does not have; "
+                            f"its columns: {', '.join(source.table.column_names)}{_delimiter_hint(source)}")
+        records = source_records(source)
+        name, where = source.name, source.where
+    if mapping.columns:
+        renamed = {col: field_name for field_name, col in mapping.columns.items()}
+        records = ((place, {renamed.get(k, k): v for k, v in record.items()}) for place, record in records)
+    return _from_rows(task, _parse_all(task, records, options, fail), mapping, name, where)
+
+
+def source_records(source: Source | str | Path) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` for each row of a file ftkit reads; ClassLabel integers become their names.
+
+    For plugins whose own reader handles a special layout and leaves the rest to ftkit.
+    """
+    if not isinstance(source, Source):
+        source = read_source(source)
+    index = 0
+    for batch in source.table.to_batches(BATCH):
+        for record in batch.to_pylist():
+            for col, names in source.class_names.items():
+                if isinstance(record.get(col), int):
+                    record[col] = names[record[col]]
+            yield source.where(index), record
+            index += 1
+
+
+def _parse_all(task: Task, records: Iterator[tuple[Any, dict]], options: dict, fail: Callable[[str], None]):  # noqa: ANN202
+    """(record index, where, canonical row) for every row parse yields; bad records reported to ``fail``."""
+    for index, (where, record) in enumerate(records):
+        try:
+            for row in task.parse(record, where, **options):
+                yield index, where, record, row
+        except DataError as error:
+            fail(str(error))
+
+
+def _hub_rows(task: Task, mapping: DataMapping):  # noqa: ANN202
+    for index, row in enumerate(task.load(None, **_options(task, mapping))):
+        yield index, None, row, row
+
+
+def _from_rows(task: Task, items, mapping: DataMapping, name: str, where: Callable) -> TaskData:  # noqa: ANN001
+    """Canonical rows made in Python (parse, hub, whole-file loaders) as an Arrow table."""
+    import pyarrow as pa
+
+    group_by = mapping.group_by or task.group_by or ""
+    rows, record_index, groups, places = [], [], [], {}
+    records = 0
+    for index, place, record, row in items:
+        records = max(records, index + 1)
+        if place is not None:
+            places[index] = place
+        rows.append(dict(row))
+        record_index.append(index)
+        if group_by:
+            value = record.get(group_by, row.get(group_by)) if isinstance(record, dict) else row.get(group_by)
+            if value is None:
+                have = sorted(set(record) | set(row)) if isinstance(record, dict) else sorted(row)
+                raise DataError(f"{place or where(index)}: task.group_by names column {group_by!r}, which this row "
+                                f"does not have; its columns: {', '.join(have)}")
+            groups.append(str(value))
+        else:
+            groups.append(str(index))
+    try:
+        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise DataError(f"{name}: the task's rows cannot form one table ({error}); a field holds values of "
+                        "different types") from None
+    table = table.append_column("_row", pa.array(record_index, pa.int64()))
+    table = table.append_column("_group", pa.array(groups, pa.string()))
+    table = table.append_column("_key", _key_column(task, table))
+    locate = (lambda i: places.get(i) or where(i)) if places else where
+    return TaskData(source=name, table=table, records=records, where=locate)
+
+
+# -- labels: drop, map, check --------------------------------------------------------------------
+
+def _labels(task: Task, data: TaskData, mapping: DataMapping, fail: Callable[[str], None]) -> None:
+    """Apply ``drop_labels`` and ``label_map``; a fixed label set refuses the rest in one summary line."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if task.kind != "classification" or not len(data):
+        return
+    table = data.table
+    if "label" not in table.column_names:
+        labels = pa.array([task.format(row).target for row in data.rows()], pa.string())
+        table = table.append_column("label", labels)
+    column = table.column("label")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = pc.cast(column, pa.string())
+    column = pc.utf8_trim_whitespace(column)
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    names = [str(v) for v in encoded.dictionary.to_pylist()]
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    drop = set(mapping.drop_labels)
+    ordered = tuple(mapping.labels or task.labels or ())
+    allowed = set(ordered)
+    mapped = [mapping.label_map.get(name, name) for name in names]
+    keep = np.array([name not in drop for name in names], dtype=bool)
+    unknown = [i for i, name in enumerate(names) if keep[i] and allowed and mapped[i] not in allowed]
+    counts = np.bincount(codes, minlength=len(names))
+    dropped = int(counts[~keep].sum()) if len(names) else 0
+    if dropped:
+        data.dropped["label in task.drop_labels"] += dropped
+    if unknown:
+        unknown.sort(key=lambda i: -counts[i])
+        listed = ", ".join(f"{names[i]!r} ({counts[i]})" for i in unknown[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        first_row = int(np.flatnonzero(np.isin(codes, unknown))[0])
+        fail(f"{data.where(int(table.column('_row')[first_row].as_py()))}: {int(counts[unknown].sum())} row(s) have "
+             f"labels outside {task.name}'s label set ({', '.join(ordered)}): {listed}{more}; map them with "
+             "task.label_map or skip them with task.drop_labels")
+        keep[unknown] = False
+    row_keep = keep[codes]
+    relabelled = pc.take(pa.array(mapped, pa.string()), pa.array(codes))
+    table = table.set_column(table.column_names.index("label"), "label", relabelled)
+    if not row_keep.all():
+        table = table.filter(pa.array(row_keep))
+    data.table = table
+
+
+def unseen_labels(train: TaskData, test: TaskData) -> list[str]:
+    """Test labels that never occur in training: the model cannot have learnt them."""
+    return sorted(set(test.labels or ()) - set(train.labels or ()))
