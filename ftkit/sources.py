@@ -100,7 +100,7 @@ class Source:
     table: pa.Table
     kind: str
     class_names: dict[str, list[str]] = field(default_factory=dict)  # ClassLabel columns: int -> name
-    _lines: list[int] | None = None
+    _lines: list[int] | None = None  # the line each record starts on, once known
 
     def where(self, index: int) -> str:
         """``file:line`` for line-based files, ``file[i]`` otherwise."""
@@ -133,9 +133,10 @@ def _record_lines(path: Path, kind: str) -> list[int]:
 def _quiet_datasets():  # noqa: ANN202 - the datasets module
     import datasets
 
+    # ftkit reports a file's problems itself, naming the line; datasets' own log lines would repeat
+    # them without it.
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    datasets.logging.set_verbosity(logging.CRITICAL)
     return datasets
 
 
@@ -148,19 +149,28 @@ def source_kind(path: Path) -> str:
     return kind
 
 
-def read_source(path: str | Path) -> Source:
-    """A local file or folder as an Arrow table (memory-mapped where ``datasets`` caches it)."""
+def read_source(path: str | Path, on_error: Callable[[DataError], None] | None = None) -> Source:
+    """A local file or folder as an Arrow table (memory-mapped where ``datasets`` caches it).
+
+    With ``on_error``, a JSONL file with bad lines is still read: each bad line is reported to it
+    and left out (``ftkit data validate`` lists every problem, not the first).
+    """
     path = Path(path)
     if not path.exists():
-        if not path.parent.exists() and path.parent != path:
-            raise DataError(f"{path}: no such file; check the path")
+        if any(parent.is_file() for parent in path.parents):
+            raise DataError(f"{path}: a part of this path is a file, not a folder; check the path")
         raise DataError(f"{path}: no such file; check the path")
     if path.is_dir() and not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
         raise DataError(f"{path}: is a folder, expected a data file (or a folder written by Dataset.save_to_disk)")
     kind = source_kind(path)
     try:
         if kind == "jsonl":
-            return _read_jsonl(path)
+            try:
+                return _read_jsonl(path)
+            except DataError:
+                if on_error is None:
+                    raise
+                return _read_jsonl_leniently(path, on_error)
         if kind == "json":
             return _read_json(path)
         if kind in ("csv", "tsv"):
@@ -213,6 +223,8 @@ def _raise_mixed(source: Source, dataset, column: str) -> None:  # noqa: ANN001
 
 
 def _read_jsonl(path: Path) -> Source:
+    import pyarrow as pa
+
     from ftkit.data import iter_jsonl
 
     # datasets reads a line holding a JSON array as a text column, and reports a bad line without
@@ -231,7 +243,39 @@ def _read_jsonl(path: Path) -> Source:
         raise
     if dataset.num_rows == 0:
         raise DataError(f"{path}: the file is empty; it holds no rows")
+    try:  # Arrow's JSON reader lets invalid UTF-8 into string columns, where string functions then fail
+        dataset.data.table.validate(full=True)
+    except pa.ArrowInvalid:
+        for _ in iter_jsonl(path):  # raises the line's own "not UTF-8 text" error
+            pass
+        raise DataError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
     return _from_dataset(str(path), "jsonl", dataset)
+
+
+def _read_jsonl_leniently(path: Path, on_error: Callable[[DataError], None]) -> Source:
+    """The good lines of a JSONL file, line by line in Python (only when the fast read failed)."""
+    import pyarrow as pa
+
+    from ftkit.data import iter_jsonl
+
+    lines, rows, bad = [], [], []
+
+    def report(error: DataError) -> None:
+        bad.append(error)
+        on_error(error)
+
+    for line_no, row in iter_jsonl(path, report):
+        lines.append(line_no)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no readable rows" if bad else f"{path}: the file is empty; it holds no rows")
+    try:
+        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        column = _mixed_column(rows)
+        raise DataError(f"{path}: column {column!r} mixes value types; make every value of a column the same "
+                        "type") from None
+    return Source(name=str(path), table=table, kind="jsonl", _lines=lines)
 
 
 def _read_json(path: Path) -> Source:
@@ -378,7 +422,7 @@ def load_task_data(task: Task, path: str | Path | None, mapping: DataMapping, *,
     if path is None or str(path) == "":
         data = _from_rows(task, _hub_rows(task, mapping), mapping, task.hub_dataset or "hub", lambda i: f"{task.hub_dataset}[{i}]")
     elif task.parse is None and task.fields:
-        source = read_source(path)
+        source = read_source(path, (lambda e: fail(str(e))) if collect else None)
         data = _flat(task, source, mapping, fail)
     elif task.parse is not None:
         data = _parsed(task, Path(path), mapping, fail)
@@ -386,8 +430,8 @@ def load_task_data(task: Task, path: str | Path | None, mapping: DataMapping, *,
         rows = task.load(str(path), **_options(task, mapping))
         data = _from_rows(task, ((i, None, row, row) for i, row in enumerate(rows)), mapping, str(path),
                           lambda i: f"{path}[{i}]")
-    data.errors = errors + data.errors
     _labels(task, data, mapping, fail)
+    data.errors = errors + data.errors
     if not len(data) and not data.errors:
         reasons = ", ".join(f"{n} {reason}" for reason, n in data.dropped.items())
         raise DataError(f"{data.source}: no examples; " + (f"every row was dropped ({reasons})" if reasons
@@ -453,7 +497,7 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             continue
         name = chosen[spec.name]
         column = table.column(name)
-        shown = spec.name if name == spec.name else f"{spec.name} (column {name!r})"
+        shown = repr(spec.name) if name == spec.name else f"{spec.name!r} (column {name!r})"
         if spec.name == "label" and name in source.class_names:
             column = pc.take(pa.array(source.class_names[name]), column)
         elif spec.name == "label" and (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
@@ -474,7 +518,7 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             column = pc.fill_null(column, "")
         trimmed = pc.utf8_trim_whitespace(column)
         if spec.required:
-            empty = pc.equal(trimmed, "").to_numpy(zero_copy_only=False)
+            empty = pc.fill_null(pc.equal(trimmed, ""), False).to_numpy(zero_copy_only=False)
             empty &= ~bad
             _report(empty, source, f"field {shown} is empty", fail)
             bad |= empty
@@ -537,7 +581,7 @@ def _parsed(task: Task, path: Path, mapping: DataMapping, fail: Callable[[str], 
             records = task.read(path)
         name, where = str(path), str
     else:
-        source = read_source(path)
+        source = read_source(path, lambda e: fail(str(e)))
         missing = [col for col in mapping.columns.values() if col not in source.table.column_names]
         if missing:
             raise DataError(f"{source.name}: task.columns names column {missing[0]!r}, which the file does not have; "

@@ -89,8 +89,12 @@ def test_emotion_accepts_alpaca_rows_and_huanhuan_a_json_array(tmp_path):
     [
         ("emotion", '{"text": "好", "emotion": "喜悅"}\n{"text": \n', ".jsonl", "{path}:2: not valid JSON"),
         ("emotion", '{"text": "好", "emotion": "開心"}\n', ".jsonl",
-         "{path}:1: label '開心' is not one of 喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡"),
-        ("bank-intent", '\n\n{"label": "refund"}\n', ".jsonl", "{path}:3: missing field 'text'"),
+         "{path}:1: 1 row(s) have labels outside emotion's label set (喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡): '開心' (1); "
+         "map them with task.label_map or skip them with task.drop_labels"),
+        ("bank-intent", '\n\n{"text": "hi", "label": "refund"}\n{"label": "refund"}\n', ".jsonl",
+         "{path}:4: missing field 'text'"),
+        ("bank-intent", '\n\n{"label": "refund"}\n', ".jsonl",
+         "{path}: no column for the field 'text' (looked for 'text'); its columns: label; name it with task.columns"),
         ("hc3", '{"question": "q", "human_answers": "not a list", "chatgpt_answers": []}\n', ".jsonl",
          "{path}:1: field 'human_answers' must be a list of strings"),
         ("huanhuan-chat", '[{"instruction": "hi", "output": 3}]', ".json", "{path}[0]: field 'output' must be a string, got int"),
@@ -119,8 +123,9 @@ def test_data_validate_reports_every_bad_row(tmp_path):
     report = json.loads(result.stdout)
     assert report["errors"] == [
         f"{bad}:2: not valid JSON (column 17: Expecting ',' delimiter); fix or remove the line",
-        f"{bad}:3: label '怕' is not one of 喜悅, 悲傷",
         f"{bad}:5: missing field 'text'",
+        f"{bad}:3: 1 row(s) have labels outside emotion's label set (喜悅, 悲傷): '怕' (1); map them with "
+        "task.label_map or skip them with task.drop_labels",
         f"{bad}: no examples of label '悲傷'; a model cannot learn it",
     ]
     assert report["duplicates"] == {"今天很開心": [f"{bad}:1", f"{bad}:4"]}
@@ -161,9 +166,10 @@ def test_data_split_is_stratified_seeded_and_refuses_to_drop_a_class(tmp_path):
     assert len(train_texts) == 480 and not train_texts & test_texts
 
     refused = runner.invoke(main, ["data", "split", "bank-intent", str(SAMPLES["bank-intent"]), "--test-size", "0.05",
-                                   "-o", str(tmp_path / "c")])
+                                   "--drop-labels", "investments", "-o", str(tmp_path / "c")])
     assert refused.exit_code == 1
-    assert "a 5% test split would leave it out of test; add examples or change --test-size" in refused.output
+    assert ("--test-size: a 5% split of 30 examples gives 2 test and 28 train examples; each needs at least one "
+            "of the 5 classes, so change test_size or add data") in refused.output
     assert not (tmp_path / "c").exists()
 
 
