@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from importlib.metadata import entry_points
 
 import pytest
@@ -210,3 +211,11 @@ def test_task_contract_rejects_malformed_tasks():
     assert "`name` 'Bad Name' must be lower-case" in message
     assert "two or more distinct names" in message
     assert "`metrics` must be callable" in message
+
+
+@pytest.mark.parametrize("args", [["run", "recipes/quickstart.toml", "--dry-run"],
+                                  ["data", "validate", "emotion", "plugins/data/emotion_quickstart.jsonl"]])
+def test_data_commands_read_through_datasets_without_torch(args):
+    """A dry run loads and checks the data (through datasets) but loads no model library."""
+    root = Path(__file__).resolve().parents[1]
+    assert heavy_imports_after([str(root / a) if a.endswith((".toml", ".jsonl")) else a for a in args]) == ["datasets"]

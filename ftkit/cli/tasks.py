@@ -20,6 +20,9 @@ def task_summary(task: Task, plugin: str) -> dict:
         "hub_dataset": task.hub_dataset,
         "data_format": task.data_format,
         "options": dict(task.options),
+        "fields": [{"name": f.name, "help": f.help, "aliases": list(f.aliases), "required": f.required}
+                   for f in task.fields],
+        "group_by": task.group_by,
         "plugin": plugin,
     }
 
@@ -59,7 +62,7 @@ def tasks(ctx: click.Context, as_json: bool) -> None:
         return
     rows = []
     for task, plugin in found.values():
-        labels = str(len(task.labels)) if task.labels else "-"
+        labels = str(len(task.labels)) if task.labels else ("data" if task.kind == "classification" else "-")
         rows.append((task.name, task.kind, labels, task.headline_metric, plugin, task.description))
     print_table(("NAME", "KIND", "LABELS", "METRIC", "PLUGIN", "DESCRIPTION"), rows)
 
@@ -85,11 +88,24 @@ def show(name: str, as_json: bool) -> None:
     click.echo(f"  {task.description}")
     click.echo(f"  kind:            {task.kind} (default head: {task.default_head})")
     if task.labels:
-        click.echo(f"  labels:          {', '.join(task.labels)}")
+        click.echo(f"  labels:          {', '.join(task.labels)} (map yours onto them with task.label_map)")
+    elif task.kind == "classification":
+        click.echo("  labels:          the training data's own (or task.labels)")
     click.echo(f"  headline metric: {task.headline_metric}")
     click.echo(f"  data format:     {task.data_format or '-'}")
     click.echo(f"  hub dataset:     {task.hub_dataset or '- (local files only)'}")
     click.echo(f"  plugin:          {summary['plugin']}")
+    if task.fields:
+        click.echo("  fields (map your columns onto them with task.columns = { FIELD = \"column\" }):")
+        for spec in task.fields:
+            found = f"; read from {' or '.join([spec.name, *spec.aliases])}" if spec.aliases else ""
+            optional = " (optional)" if not spec.required else ""
+            click.echo(f"    {spec.name}{optional}: {spec.help}{found}")
+    click.echo(f"  split groups:    {'rows sharing ' + task.group_by + ' stay on one side' if task.group_by else 'by source row'}"
+               " (task.group_by)")
+    click.echo("  data keys:       task.train_file, test_file, columns, label_map, drop_labels, group_by"
+               + (", labels" if task.kind == "classification" else "")
+               + " (files: JSONL, JSON, CSV, TSV, Parquet, a saved dataset folder)")
     if task.options:
         click.echo("  options:")
         for option, help_text in task.options.items():
