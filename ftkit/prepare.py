@@ -43,10 +43,16 @@ class Splits:
 
 
 def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, or of a folder's files (a saved dataset) with their relative names."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -111,16 +117,40 @@ def load_splits(task: Task, recipe) -> Splits:  # noqa: ANN001 - a Recipe
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:
+    """The turns before the answer: a conversation's history, else system + one user turn."""
+    if example.messages:
+        return [dict(m) for m in example.messages[:-1]]
     user = f"{example.instruction}\n{example.input}" if example.instruction else example.input
+    if example.pair:  # a causal model has no pair encoding: the second text follows the first
+        user = f"{user}\n{example.pair}"
     messages = [{"role": "system", "content": example.system}] if example.system else []
     return [*messages, {"role": "user", "content": user}]
 
 
+def render_conversation(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:  # noqa: ANN001
+    """``messages`` as the model reads them: the chat template, else ftkit's plain layout.
+
+    The plain layout is ``ftkit chat``'s (and :func:`render_prompt`'s for one turn): the system
+    prompt, each user turn followed by ``Answer: ``, each reply followed by EOS, blank lines between.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    parts = []
+    for message in messages:
+        if message["role"] == "assistant":
+            parts.append(message["content"] + (tokenizer.eos_token or "") + "\n\n")
+        else:
+            parts.append(message["content"] + ("\n\n" if message["role"] == "system" else "\n\nAnswer: "))
+    return "".join(parts)
+
+
 def render_prompt(tokenizer, example: Example) -> str:  # noqa: ANN001
     """The text the model sees before its answer: the chat template where there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True)
+    if example.messages or getattr(tokenizer, "chat_template", None):
+        return render_conversation(tokenizer, prompt_messages(example), add_generation_prompt=True)
     parts = [example.system or "", example.instruction or "", example.input]
+    if example.pair:
+        parts.append(example.pair)
     return "\n\n".join(p for p in parts if p) + "\n\nAnswer: "
 
 
@@ -140,18 +170,103 @@ def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None 
 
     Prompt and answer are tokenized apart so the boundary never merges into one token. Too long:
     the prompt loses its first tokens, keeping the text nearest the answer (the input and the
-    assistant header); the answer keeps at most half of ``max_len``.
+    assistant header); the answer keeps at most half of ``max_len``. A conversation
+    (``example.messages``) is encoded by :func:`encode_conversation` instead.
     """
+    if example.messages:
+        messages = [dict(m) for m in example.messages]
+        if answer is not None:
+            messages[-1] = {"role": "assistant", "content": answer}
+        return encode_conversation(tokenizer, messages, max_len)
     prompt_ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     answer_text = render_answer(tokenizer, example, example.target if answer is None else answer)
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][: max_len // 2]
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_len - len(answer_ids))):]
-    ids = prompt_ids + answer_ids
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+    return _features([(prompt_ids, False), (answer_ids, True)])
+
+
+def _features(pieces: list[tuple[list[int], bool]]) -> dict[str, list[int]]:
+    ids = [i for piece, _ in pieces for i in piece]
+    labels = [i if learned else IGNORE_INDEX for piece, learned in pieces for i in piece]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:  # noqa: ANN001
+    """A whole conversation, with every assistant turn (and its end-of-turn marker) learned, nothing else.
+
+    Too long for ``max_len``: the oldest exchanges (up to and including the first reply) go first,
+    the system prompt stays; a single exchange still too long is cut as :func:`encode_causal` cuts one.
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        pieces = [(tokenizer(text, add_special_tokens=False)["input_ids"], learned)
+                  for text, learned in conversation_segments(tokenizer, system + turns)]
+        total = sum(len(ids) for ids, _ in pieces)
+        replies = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+        if total <= max_len or len(replies) < 2:
+            break
+        turns = turns[replies[0] + 1:]
+    if total > max_len:  # one exchange left: keep the end of the prompt and at most half for the reply
+        prompt = [i for ids, learned in pieces[:-1] for i in ids]
+        reply = pieces[-1][0][: max_len // 2]
+        pieces = [(prompt[max(0, len(prompt) - (max_len - len(reply))):], False), (reply, True)]
+    return _features(pieces)
+
+
+def conversation_segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:  # noqa: ANN001
+    """The rendered conversation as ``(text, learned)`` pieces; the learned ones are the assistant turns.
+
+    Rendered incrementally: the prefix up to each assistant turn with the generation prompt, then
+    the prefix including the turn; what the turn adds is learned up to its end-of-turn marker (the
+    template's glue after it, such as a newline, is not). A template that renders a conversation's
+    beginning differently from the conversation alone (some hide earlier turns' reasoning) falls
+    back to finding each reply in the full rendering.
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_conversation(tokenizer, messages[:index], add_generation_prompt=True)
+        full = render_conversation(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            return _segments_by_search(tokenizer, messages)
+        reply = _through_end_of_turn(tokenizer, full[len(prompt):])
+        pieces += [(prompt[len(done):], False), (reply, True)]
+        done = prompt + reply
+    return [(text, learned) for text, learned in pieces if text]
+
+
+def _through_end_of_turn(tokenizer, text: str) -> str:  # noqa: ANN001
+    """``text`` up to and including its last EOS marker; without one, without trailing whitespace."""
+    eos = tokenizer.eos_token or ""
+    end = text.rfind(eos) if eos else -1
+    return text[: end + len(eos)] if end >= 0 else text.rstrip()
+
+
+def _segments_by_search(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:  # noqa: ANN001
+    full = render_conversation(tokenizer, messages, add_generation_prompt=False)
+    eos = tokenizer.eos_token or ""
+    pieces: list[tuple[str, bool]] = []
+    at = 0
+    for message in messages:
+        if message["role"] != "assistant":
+            continue
+        start = full.find(message["content"], at)
+        if start < 0:
+            raise DataError("the chat template leaves out an assistant turn's text; cannot tell which tokens to "
+                            f"learn: {message['content'][:60]!r}")
+        end = start + len(message["content"])
+        if eos and full.startswith(eos, end):
+            end += len(eos)
+        pieces += [(full[at:start], False), (full[start:end], True)]
+        at = end
+    return [(text, learned) for text, learned in pieces if text]
 
 
 def encode_classifier(tokenizer, example: Example, max_len: int, label_ids: dict[str, int]) -> dict:  # noqa: ANN001
-    encoded = tokenizer(example.input, truncation=True, max_length=max_len)
+    # A text pair is encoded as one (the tokenizer's own separators; truncation shortens the longer text).
+    encoded = tokenizer(example.input, example.pair, truncation=True, max_length=max_len)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": label_ids[example.target]}
