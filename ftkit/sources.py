@@ -463,9 +463,12 @@ def _resolve_columns(task: Task, source: Source, mapping: DataMapping) -> dict[s
             chosen[spec.name] = found
         elif spec.required:
             names = " or ".join(repr(n) for n in (spec.name, *spec.aliases))
+            # A wrong delimiter is the real fix there, not a mapping onto the one merged column.
+            free = [col for col in have if col not in chosen.values()]  # not already read as another field
+            fix = _delimiter_hint(source) or (f"; name it with task.columns, e.g. columns = "
+                                              f"{{ {spec.name} = \"{free[0] if free else 'COLUMN'}\" }}")
             raise DataError(f"{source.name}: no column for the field {spec.name!r} (looked for {names}); its columns: "
-                            f"{', '.join(have)}; name it with task.columns, e.g. columns = "
-                            f"{{ {spec.name} = \"{have[0]}\" }}{_delimiter_hint(source)}")
+                            f"{', '.join(have)}{fix}")
     return chosen
 
 
@@ -475,9 +478,10 @@ def _delimiter_hint(source: Source) -> str:
         name = source.table.column_names[0]
         for char, label in (("\t", "tabs"), (";", "semicolons"), ("|", "pipes"), (",", "commas")):
             if char in name:
-                fix = "name the file .tsv" if char == "\t" else "save it with commas (or tabs, as .tsv)"
-                return f" (the header looks separated by {label}, not by " \
-                       f"{'tabs' if source.kind == 'tsv' else 'commas'}; {fix})"
+                fix = {"\t": "name the file .tsv", ",": "name the file .csv"}.get(
+                    char, "save it with commas (or with tabs, as .tsv)")
+                return f"; the header looks separated by {label}, not by " \
+                       f"{'tabs' if source.kind == 'tsv' else 'commas'}: {fix}"
     return ""
 
 

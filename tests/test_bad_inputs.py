@@ -18,10 +18,21 @@ from ftkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_ROW = '{"text": "今天收到禮物，好開心", "emotion": "喜悅"}\n'
-GOOD_EMOTION = "".join(
-    json.dumps({"text": f"第{i}句：{label}的句子", "emotion": label}, ensure_ascii=False) + "\n"
-    for i in range(4) for label in ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
-)
+LABELS = ("喜悅", "悲傷", "憤怒", "恐懼", "驚訝", "厭惡")
+
+
+def emotion_rows(per_label: int, labels: tuple[str, ...] = LABELS) -> str:
+    return "".join(json.dumps({"text": f"第{i}句：{label}的句子", "emotion": label}, ensure_ascii=False) + "\n"
+                   for i in range(per_label) for label in labels)
+
+
+GOOD_EMOTION = emotion_rows(4)
+CSV_FILE = ["--set", 'task.train_file="data.csv"']
+
+
+def emotion_task(mapping: str) -> str:
+    """The default [task] section plus mapping keys (columns, label_map, drop_labels)."""
+    return f'name = "emotion"\ntrain_file = "data.jsonl"\n{mapping}'
 
 
 def recipe(**sections: str) -> str:
@@ -42,31 +53,34 @@ CASES = [
      "{d}/data.jsonl:2: not valid JSON (column 17: Expecting ',' delimiter); fix or remove the line"),
     ("truncated-json-object", {"data.jsonl": '{"text": "好", "emotion": "喜\n'}, [],
      "{d}/data.jsonl:1: not valid JSON (column 28: Invalid control character); fix or remove the line"),
-    ("empty-file", {"data.jsonl": ""}, [],
-     "{d}/data.jsonl: no examples; the file is empty or every row was dropped"),
-    ("blank-lines-only", {"data.jsonl": "\n\n  \n"}, [],
-     "{d}/data.jsonl: no examples; the file is empty or every row was dropped"),
+    ("empty-file", {"data.jsonl": ""}, [], "{d}/data.jsonl: the file is empty; it holds no rows"),
+    ("blank-lines-only", {"data.jsonl": "\n\n  \n"}, [], "{d}/data.jsonl: the file is empty; it holds no rows"),
     ("not-utf8", {"data.jsonl": GOOD_ROW.encode() + '{"text": "caf\xe9", "emotion": "x"}\n'.encode("latin-1")}, [],
      "{d}/data.jsonl:2: not UTF-8 text (invalid continuation byte); re-save the file as UTF-8"),
     ("utf16-file", {"data.jsonl": GOOD_ROW.encode("utf-16")}, [],
      "{d}/data.jsonl:1: not UTF-8 text (invalid start byte); re-save the file as UTF-8"),
     ("missing-field", {"data.jsonl": GOOD_ROW + '{"emotion": "悲傷"}\n'}, [],
      "{d}/data.jsonl:2: missing field 'text'"),
+    # A column no row has is a file-level problem: named once, with the columns there are and the fix.
     ("missing-label-field", {"data.jsonl": '{"text": "沒有標籤"}\n'}, [],
-     "{d}/data.jsonl:1: missing field 'emotion'"),
+     "{d}/data.jsonl: no column for the field 'label' (looked for 'label' or 'emotion' or 'output'); its "
+     'columns: text; name it with task.columns, e.g. columns = {{ label = "COLUMN" }}'),
     ("wrong-type-text", {"data.jsonl": '{"text": 42, "emotion": "喜悅"}\n'}, [],
      "{d}/data.jsonl:1: field 'text' must be a string, got int"),
     ("wrong-type-label", {"data.jsonl": '{"text": "好", "emotion": ["喜悅"]}\n'}, [],
-     "{d}/data.jsonl:1: field 'emotion' must be a string, got list"),
+     "{d}/data.jsonl:1: field 'label' (column 'emotion') must be a string, got list"),
     ("empty-text", {"data.jsonl": '{"text": "   ", "emotion": "喜悅"}\n'}, [],
      "{d}/data.jsonl:1: field 'text' is empty"),
     ("label-outside-set", {"data.jsonl": GOOD_ROW + '{"text": "好開心", "emotion": "開心"}\n'}, [],
-     "{d}/data.jsonl:2: label '開心' is not one of 喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡"),
+     "{d}/data.jsonl:2: 1 row(s) have labels outside emotion's label set (喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡): "
+     "'開心' (1); map them with task.label_map or skip them with task.drop_labels"),
     ("row-not-an-object", {"data.jsonl": '["今天", "喜悅"]\n'}, [],
      "{d}/data.jsonl:1: expected a JSON object, got list"),
+    # datasets reads a 4 MB line like any other (no line limit any more); one row still cannot be split.
     ("huge-line", {"data.jsonl": '{"text": "' + "長" * 1_333_334 + '", "emotion": "喜悅"}\n'}, [],
-     "{d}/data.jsonl:1: line is 4,000,036 bytes long (limit 4,000,000); JSONL needs one JSON object per line"),
-    ("class-missing-from-data", {"data.jsonl": "".join(l for l in GOOD_EMOTION.splitlines(True) if "厭惡" not in l)}, [],
+     "{d}/data.jsonl: 1 usable example(s); a split needs at least 2"),
+    # Enough rows that the split itself is possible, so the missing class is what is reported.
+    ("class-missing-from-data", {"data.jsonl": emotion_rows(8, LABELS[:5])}, [],
      "no training examples of label(s) 厭惡; add data or set task.labels"),
     ("single-example-class", {"data.jsonl": GOOD_EMOTION.replace('"厭惡"', '"喜悅"', 3)}, [],
      "label(s) 厭惡 have fewer than 2 examples: a stratified split would leave them out of train or test; "
@@ -83,9 +97,35 @@ CASES = [
     ("json-array-not-objects", {"data.json": '["a", "b"]'}, ["--set", 'task.train_file="data.json"'],
      "{d}/data.json[0]: expected a JSON object, got str"),
     ("json-object-not-array", {"data.json": '{"text": "x"}'}, ["--set", 'task.train_file="data.json"'],
-     "{d}/data.json: expected a JSON array of objects, got dict"),
+     "{d}/data.json: expected a JSON array of objects, or an object holding one array; this object holds 0 "
+     "arrays (none)"),
     ("broken-json-file", {"data.json": '[{"text": "x",\n  "emotion": }]'}, ["--set", 'task.train_file="data.json"'],
      "{d}/data.json:2: not valid JSON (Expecting value)"),
+    # --- data mapping and layouts (issue 15) ------------------------------------------------
+    ("empty-csv", {"data.csv": ""}, CSV_FILE, "{d}/data.csv: the file is empty; it holds no header and no rows"),
+    ("header-only-csv", {"data.csv": "text,label\n"}, CSV_FILE, "{d}/data.csv: the file is empty; it holds no rows"),
+    ("mapped-column-missing", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(task=emotion_task('columns = { text = "content" }'))}, [],
+     "{d}/data.jsonl: task.columns.text names column 'content', which the file does not have; its columns: text, emotion"),
+    ("unknown-columns-key", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(task=emotion_task('columns = { txt = "content" }'))}, [],
+     "{d}/r.toml: task.columns.txt: unknown field for emotion; did you mean `text`?"),
+    ("label-map-target-outside", {"data.jsonl": GOOD_EMOTION,
+                                  "r.toml": recipe(task=emotion_task('label_map = { happiness = "開心" }'))}, [],
+     "{d}/r.toml: task.label_map.happiness: '開心' is not one of the labels (喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡)"),
+    ("every-row-dropped", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(task=emotion_task(f"drop_labels = {list(LABELS)}"))}, [],
+     "{d}/data.jsonl: no examples; every row was dropped (24 label in task.drop_labels)"),
+    ("mixed-label-types", {"data.jsonl": '{"content": "今天好開心", "label": 1}\n{"content": "好難過", "label": "happiness"}\n',
+                           "r.toml": recipe(task=emotion_task('columns = { text = "content" }'))}, [],
+     "{d}/data.jsonl:2: column 'label' mixes types (str here, int at {d}/data.jsonl:1); make every value of a "
+     "column the same type"),
+    ("csv-with-semicolons", {"data.csv": "text;label\n今天好開心;喜悅\n好難過;悲傷\n"}, CSV_FILE,
+     "{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text;label; the "
+     "header looks separated by semicolons, not by commas: save it with commas (or with tabs, as .tsv)"),
+    ("csv-with-tabs", {"data.csv": "text\tlabel\n今天好開心\t喜悅\n好難過\t悲傷\n"}, CSV_FILE,
+     "{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text\tlabel; the "
+     "header looks separated by tabs, not by commas: name the file .tsv"),
+    ("tsv-with-commas", {"data.tsv": "text,label\n今天好開心,喜悅\n好難過,悲傷\n"}, ["--set", 'task.train_file="data.tsv"'],
+     "{d}/data.tsv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text,label; the "
+     "header looks separated by commas, not by tabs: name the file .csv"),
     # --- recipes ----------------------------------------------------------------------------
     ("unknown-key", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(train="epoch = 3")}, [],
      "{d}/r.toml: train.epoch: unknown key; did you mean `epochs`?"),
