@@ -73,6 +73,11 @@ class Example:
     the model is trained to produce; ``references`` every answer that counts as correct
     (defaults to ``(target,)``; extractive QA has several). ``instruction`` goes before the
     input when a causal model is prompted (Alpaca style); ``system`` is the chat system prompt.
+    ``pair`` is the second text of a text-pair classification (a classifier head reads it as a
+    real pair: ``tokenizer(input, pair)``). ``messages`` is a whole conversation
+    (``{"role", "content"}`` turns, roles system/user/assistant, ending with an assistant turn):
+    every assistant turn is trained on, and ``input``/``target`` are then its last user turn and
+    last reply.
     """
 
     input: str
@@ -80,6 +85,8 @@ class Example:
     references: tuple[str, ...] = ()
     instruction: str | None = None
     system: str | None = None
+    pair: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.references:
