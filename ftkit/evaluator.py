@@ -74,7 +74,7 @@ def classifier_scores(model, tokenizer, examples: list[Example], batch_size: int
     import torch
 
     scores = torch.zeros((len(examples), model.config.num_labels))
-    encoded = [tokenizer(e.input, truncation=True, max_length=max_len)["input_ids"] for e in examples]
+    encoded = [tokenizer(e.input, e.pair, truncation=True, max_length=max_len)["input_ids"] for e in examples]
     with torch.inference_mode():
         for chunk, ids in _batches(encoded, batch_size, len, desc):
             batch = _pad(tokenizer, [{"input_ids": i} for i in ids], _device(model))

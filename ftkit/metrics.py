@@ -1,7 +1,7 @@
 """Metrics that work offline, on well-kept libraries.
 
 ``evaluate.load("accuracy")`` needs the hub, so ftkit uses the libraries the hub modules wrap:
-scikit-learn (classification), sacrebleu (BLEU), rouge-score (ROUGE-L) and torchmetrics
+scikit-learn (classification), sacrebleu (BLEU, chrF), rouge-score (ROUGE-L) and torchmetrics
 (the official SQuAD v1.1 exact match / F1). Imports happen inside the functions.
 """
 
@@ -61,7 +61,11 @@ def classification_metrics(
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
-    """Corpus BLEU (sacrebleu, ``zh`` tokenization: handles Chinese and Latin) and ROUGE-L F1."""
+    """Corpus BLEU (sacrebleu, ``zh`` tokenization: handles Chinese and Latin), corpus chrF and ROUGE-L F1.
+
+    chrF scores character n-grams, so it needs no word segmentation and gives partial credit for a
+    reply that is close but not word-for-word (BLEU is near zero on short replies).
+    """
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -70,12 +74,13 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence
     # sacrebleu wants one stream per reference position; pad missing ones with the first.
     streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(depth)]
     bleu = sacrebleu.corpus_bleu(list(predictions), streams, tokenize="zh")
+    chrf = sacrebleu.corpus_chrf(list(predictions), streams)
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CjkTokenizer())
     rouge = [
         max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in ref_list)
         for pred, ref_list in zip(predictions, refs)
     ]
-    return {"bleu": float(bleu.score), "rougeL": 100.0 * sum(rouge) / max(len(rouge), 1)}
+    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "rougeL": 100.0 * sum(rouge) / max(len(rouge), 1)}
 
 
 def squad_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
