@@ -274,7 +274,9 @@ class FineTuneRun:
 
         (self.work / "data").mkdir(exist_ok=True)
         examples = [{"input": e.input, "target": e.target, "references": list(e.references),
-                     "instruction": e.instruction, "system": e.system} for e in self.test]
+                     "instruction": e.instruction, "system": e.system}
+                    | ({"pair": e.pair} if e.pair else {}) | ({"messages": list(e.messages)} if e.messages else {})
+                    for e in self.test]
         baseline = self.baseline["predictions"] if self.baseline else [None] * len(self.test)
         with jsonlines.open(self.work / "data" / "test.jsonl", "w") as writer:
             writer.write_all(examples)

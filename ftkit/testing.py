@@ -143,7 +143,9 @@ def check_loader(task: Task, path: str | os.PathLike[str] | None = None, *, min_
 def _as_json_line(example: Example) -> dict[str, Any]:
     """The example as the run folder stores it (``data/test.jsonl``)."""
     return {"input": example.input, "target": example.target, "references": list(example.references),
-            "instruction": example.instruction, "system": example.system}
+            "instruction": example.instruction, "system": example.system}  \
+        | ({"pair": example.pair} if example.pair else {}) \
+        | ({"messages": list(example.messages)} if example.messages else {})
 
 
 def check_format_roundtrip(task: Task, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
@@ -177,12 +179,13 @@ def check_format_roundtrip(task: Task, rows: Sequence[Mapping[str, Any]]) -> lis
         if example.target not in example.references:
             raise AssertionError(f"{where}: the target {example.target!r} is not among the references "
                                  f"{example.references!r}; a gold prediction would score as wrong")
-        if task.kind == "classification" and example.target not in (task.labels or ()):
+        if task.kind == "classification" and task.labels and example.target not in task.labels:
             raise AssertionError(f"{where}: target {example.target!r} is not one of the labels "
                                  f"{', '.join(task.labels or ())}")
         line = json.loads(json.dumps(_as_json_line(example), ensure_ascii=False))
         back = Example(input=line["input"], target=line["target"], references=tuple(line["references"]),
-                       instruction=line["instruction"], system=line["system"])
+                       instruction=line["instruction"], system=line["system"], pair=line.get("pair"),
+                       messages=tuple(line["messages"]) if "messages" in line else None)
         if back != example:
             raise AssertionError(f"{where}: the Example does not survive a JSON round trip: {example!r} came back "
                                  f"as {back!r}")
@@ -194,7 +197,7 @@ def check_format_roundtrip(task: Task, rows: Sequence[Mapping[str, Any]]) -> lis
 
 def _wrong_predictions(task: Task, examples: Sequence[Example]) -> list[str]:
     if task.kind == "classification":
-        labels = list(task.labels or ())
+        labels = list(task.labels or sorted({e.target for e in examples}))  # None: the data's labels
         return [labels[(labels.index(e.target) + 1) % len(labels)] for e in examples]
     return ["zzz qqq" for _ in examples]
 
@@ -342,4 +345,4 @@ def _describe_examples(task: Task, examples: Sequence[Example]) -> str:
     if task.kind != "classification":
         return f"{len(examples)} examples"
     counts = Counter(e.target for e in examples)
-    return f"{len(examples)} examples ({', '.join(f'{label} {counts[label]}' for label in task.labels or ())})"
+    return f"{len(examples)} examples ({', '.join(f'{label} {counts[label]}' for label in task.labels or sorted(counts))})"

@@ -28,7 +28,8 @@ from ftkit.tasks import Example, Task
 Echo = Callable[[str], None]
 RUN_FILES = ("recipe.toml", "labels.json", "metrics.json", "manifest.json")
 #: Keys of ftkit's own example layout: the run's data/test.jsonl, accepted for every task.
-EXAMPLE_KEYS = frozenset({"input", "target", "output", "references", "instruction", "system"})
+#: (A conversation's rows also hold ``messages``, which the sft task's own parser reads.)
+EXAMPLE_KEYS = frozenset({"input", "target", "output", "references", "instruction", "system", "pair"})
 
 
 @dataclass
@@ -121,7 +122,7 @@ def read_inputs(run: RunFolder, path: str | Path, *, need_target: bool = False) 
 
     Each record goes through the task's reader and parser first (file:line errors). A record the
     parser rejects is taken in ftkit's example layout when it fits it: ``{"input"}`` plus optional
-    ``instruction``, ``system``, ``target`` (or ``output``) and ``references`` — the layout of the
+    ``instruction``, ``system``, ``pair``, ``target`` (or ``output``) and ``references`` — the layout of the
     run's ``data/test.jsonl``. There the target is optional, and a missing instruction or system
     prompt is the one the run trained with.
     """
@@ -174,7 +175,8 @@ def _example_row(record: Mapping[str, Any], where: str, defaults: PromptDefaults
     example = Example(input=text, target=target or (references[0] if references else ""),
                       references=tuple(references),
                       instruction=_optional_str(record, "instruction", where, defaults.instruction),
-                      system=_optional_str(record, "system", where, defaults.system))
+                      system=_optional_str(record, "system", where, defaults.system),
+                      pair=_optional_str(record, "pair", where, None))
     return InputRow(where, example, labelled=bool(references))
 
 
