@@ -14,7 +14,7 @@ from ftkit.cli import main
 from ftkit.plugins import registered_tasks
 from tests.conftest import heavy_imports_after, run_ftkit
 
-BUILTIN = {"emotion", "bank-intent", "hc3", "huanhuan-chat", "squad-qa"}
+BUILTIN = {"emotion", "bank-intent", "hc3", "huanhuan-chat", "squad-qa", "classify", "sft"}
 
 BROKEN_ON_IMPORT = """
 raise RuntimeError("boom: this plugin is broken")
