@@ -63,8 +63,8 @@ CASES = [
      "{d}/data.jsonl:2: missing field 'text'"),
     # A column no row has is a file-level problem: named once, with the columns there are and the fix.
     ("missing-label-field", {"data.jsonl": '{"text": "沒有標籤"}\n'}, [],
-     "{d}/data.jsonl: no column for the field 'label' (looked for 'label' or 'emotion' or 'output'); its "
-     'columns: text; name it with task.columns, e.g. columns = {{ label = "COLUMN" }}'),
+     ("{d}/data.jsonl: no column for the field 'label' (looked for 'label' or 'emotion' or 'output'); its "
+      'columns: text; name it with task.columns, e.g. columns = {{ label = "COLUMN" }}')),
     ("wrong-type-text", {"data.jsonl": '{"text": 42, "emotion": "喜悅"}\n'}, [],
      "{d}/data.jsonl:1: field 'text' must be a string, got int"),
     ("wrong-type-label", {"data.jsonl": '{"text": "好", "emotion": ["喜悅"]}\n'}, [],
@@ -72,8 +72,8 @@ CASES = [
     ("empty-text", {"data.jsonl": '{"text": "   ", "emotion": "喜悅"}\n'}, [],
      "{d}/data.jsonl:1: field 'text' is empty"),
     ("label-outside-set", {"data.jsonl": GOOD_ROW + '{"text": "好開心", "emotion": "開心"}\n'}, [],
-     "{d}/data.jsonl:2: 1 row(s) have labels outside emotion's label set (喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡): "
-     "'開心' (1); map them with task.label_map or skip them with task.drop_labels"),
+     ("{d}/data.jsonl:2: 1 row(s) have labels outside emotion's label set (喜悅, 悲傷, 憤怒, 恐懼, 驚訝, 厭惡): "
+      "'開心' (1); map them with task.label_map or skip them with task.drop_labels")),
     ("row-not-an-object", {"data.jsonl": '["今天", "喜悅"]\n'}, [],
      "{d}/data.jsonl:1: expected a JSON object, got list"),
     # datasets reads a 4 MB line like any other (no line limit any more); one row still cannot be split.
@@ -83,11 +83,11 @@ CASES = [
     ("class-missing-from-data", {"data.jsonl": emotion_rows(8, LABELS[:5])}, [],
      "no training examples of label(s) 厭惡; add data or set task.labels"),
     ("single-example-class", {"data.jsonl": GOOD_EMOTION.replace('"厭惡"', '"喜悅"', 3)}, [],
-     "label(s) 厭惡 have fewer than 2 examples: a stratified split would leave them out of train or test; "
-     "add examples or give task.test_file"),
+     ("label(s) 厭惡 have fewer than 2 examples: a stratified split would leave them out of train or test; "
+      "add examples or give task.test_file")),
     ("too-few-for-split", {"data.jsonl": GOOD_EMOTION}, ["--set", "task.test_size=0.05"],
-     "task.test_size: a 5% split of 24 examples gives 2 test and 22 train examples; each needs at least one "
-     "of the 6 classes, so change test_size or add data"),
+     ("task.test_size: a 5% split of 24 examples gives 2 test and 22 train examples; each needs at least one "
+      "of the 6 classes, so change test_size or add data")),
     ("test-equals-train", {"data.jsonl": GOOD_EMOTION}, ["--set", 'task.test_file="data.jsonl"'],
      "every training example also appears in the test split; use different files"),
     ("train-file-missing", {}, [], "{d}/data.jsonl: no such file; check the path"),
@@ -97,8 +97,8 @@ CASES = [
     ("json-array-not-objects", {"data.json": '["a", "b"]'}, ["--set", 'task.train_file="data.json"'],
      "{d}/data.json[0]: expected a JSON object, got str"),
     ("json-object-not-array", {"data.json": '{"text": "x"}'}, ["--set", 'task.train_file="data.json"'],
-     "{d}/data.json: expected a JSON array of objects, or an object holding one array; this object holds 0 "
-     "arrays (none)"),
+     ("{d}/data.json: expected a JSON array of objects, or an object holding one array; this object holds 0 "
+      "arrays (none)")),
     ("broken-json-file", {"data.json": '[{"text": "x",\n  "emotion": }]'}, ["--set", 'task.train_file="data.json"'],
      "{d}/data.json:2: not valid JSON (Expecting value)"),
     # --- data mapping and layouts (issue 15) ------------------------------------------------
@@ -115,17 +115,17 @@ CASES = [
      "{d}/data.jsonl: no examples; every row was dropped (24 label in task.drop_labels)"),
     ("mixed-label-types", {"data.jsonl": '{"content": "今天好開心", "label": 1}\n{"content": "好難過", "label": "happiness"}\n',
                            "r.toml": recipe(task=emotion_task('columns = { text = "content" }'))}, [],
-     "{d}/data.jsonl:2: column 'label' mixes types (str here, int at {d}/data.jsonl:1); make every value of a "
-     "column the same type"),
+     ("{d}/data.jsonl:2: column 'label' mixes types (str here, int at {d}/data.jsonl:1); make every value of a "
+      "column the same type")),
     ("csv-with-semicolons", {"data.csv": "text;label\n今天好開心;喜悅\n好難過;悲傷\n"}, CSV_FILE,
-     "{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text;label; the "
-     "header looks separated by semicolons, not by commas: save it with commas (or with tabs, as .tsv)"),
+     ("{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text;label; the "
+      "header looks separated by semicolons, not by commas: save it with commas (or with tabs, as .tsv)")),
     ("csv-with-tabs", {"data.csv": "text\tlabel\n今天好開心\t喜悅\n好難過\t悲傷\n"}, CSV_FILE,
-     "{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text\tlabel; the "
-     "header looks separated by tabs, not by commas: name the file .tsv"),
+     ("{d}/data.csv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text\tlabel; the "
+      "header looks separated by tabs, not by commas: name the file .tsv")),
     ("tsv-with-commas", {"data.tsv": "text,label\n今天好開心,喜悅\n好難過,悲傷\n"}, ["--set", 'task.train_file="data.tsv"'],
-     "{d}/data.tsv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text,label; the "
-     "header looks separated by commas, not by tabs: name the file .csv"),
+     ("{d}/data.tsv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text,label; the "
+      "header looks separated by commas, not by tabs: name the file .csv")),
     # --- recipes ----------------------------------------------------------------------------
     ("unknown-key", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(train="epoch = 3")}, [],
      "{d}/r.toml: train.epoch: unknown key; did you mean `epochs`?"),
@@ -139,8 +139,8 @@ CASES = [
     ("missing-model-section", {"r.toml": recipe(model=None)}, [], "{d}/r.toml: model: missing section [model]"),
     ("missing-output-section", {"r.toml": recipe(output=None)}, [], "{d}/r.toml: output: missing section [output]"),
     ("missing-model-id", {"r.toml": recipe(model='source = "builtin"')}, [],
-     "{d}/r.toml: model.id: missing; model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, "
-     "or `ftkit/tiny-qwen2`"),
+     ("{d}/r.toml: model.id: missing; model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, "
+      "or `ftkit/tiny-qwen2`")),
     ("seq-zero", {"r.toml": recipe(train="max_seq_len = 0")}, [], "{d}/r.toml: train.max_seq_len: must be at least 8, got 0"),
     ("batch-negative", {"r.toml": recipe(train="batch_size = -1")}, [], "{d}/r.toml: train.batch_size: must be at least 1, got -1"),
     ("epochs-zero", {"r.toml": recipe(train="epochs = 0")}, [], "{d}/r.toml: train.epochs: must be greater than 0, got 0.0"),
