@@ -62,12 +62,16 @@ def synthesize(task: Task, out: Path, n: int, seed: int, **options: Any) -> int:
 
 
 def format_file(task: Task, path: Path, out: Path, mapping: DataMapping) -> int:
-    """Source rows -> training form (Alpaca: instruction/input/output, plus system and references)."""
+    """Source rows -> training form (Alpaca: instruction/input/output, plus system and references;
+    OpenAI-style ``messages`` for a conversation of several turns)."""
     data = load_task_data(task, path, mapping)
 
     def rows():  # noqa: ANN202
         for row in data.rows():
             example = task.format(row)
+            if example.messages and sum(m["role"] == "assistant" for m in example.messages) > 1:
+                yield {"messages": list(example.messages)}  # several turns: Alpaca would lose the history
+                continue
             item = {"instruction": example.instruction or "", "input": example.input, "output": example.target}
             if example.system:
                 item["system"] = example.system

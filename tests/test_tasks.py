@@ -20,6 +20,7 @@ SAMPLES = {
     "hc3": FIXTURES / "hc3_sample.jsonl",
     "huanhuan-chat": FIXTURES / "huanhuan.json",
     "squad-qa": FIXTURES / "squad_v1.json",
+    "sft": FIXTURES / "sft_mixed.jsonl",
 }
 MAXIMUM = {"accuracy": 1.0, "macro_f1": 1.0, "f1": 100.0, "exact_match": 100.0, "rougeL": 100.0, "bleu": 100.0}
 

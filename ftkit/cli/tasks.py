@@ -103,8 +103,8 @@ def show(name: str, as_json: bool) -> None:
             click.echo(f"    {spec.name}{optional}: {spec.help}{found}")
     click.echo(f"  split groups:    {'rows sharing ' + task.group_by + ' stay on one side' if task.group_by else 'by source row'}"
                " (task.group_by)")
-    click.echo("  data keys:       task.train_file, test_file, columns, label_map, drop_labels, group_by"
-               + (", labels" if task.kind == "classification" else "")
+    click.echo("  data keys:       task.train_file, test_file, columns, group_by"
+               + (", label_map, drop_labels, labels" if task.kind == "classification" else "")
                + " (files: JSONL, JSON, CSV, TSV, Parquet, a saved dataset folder)")
     if task.options:
         click.echo("  options:")
