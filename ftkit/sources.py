@@ -10,10 +10,11 @@ mapping and splitting below are column operations, and Python objects per row (`
 made only for what is trained or evaluated. Errors still name ``file:line`` (``file[i]`` for JSON
 arrays, Parquet and Arrow), worked out only when there is something to report.
 
-Every canonical table carries three bookkeeping columns: ``_row`` (the source record a row came
-from, for ``file:line``), ``_group`` (rows sharing it always land in the same split: the
-``group_by`` column, else the source record) and ``_key`` (the text compared for duplicates and
-train/test overlap).
+Every canonical table carries ``_row`` (the source record a row came from, for ``file:line``;
+rows from one record always land in the same split), ``_group`` when a ``group_by`` column is
+set (rows sharing it land in the same split too), and ``_key`` when the text compared for
+duplicates and train/test overlap spans several fields (with one text field, that field is the
+key: no copy of it is kept).
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ def mapping_errors(task: Task, mapping: DataMapping, prefix: str = "task.") -> l
     if both:
         errors.append(f"{prefix}drop_labels: {', '.join(both)} also in label_map; a label is either mapped or dropped")
     return errors
+
+
+def is_text(kind: pa.DataType) -> bool:
+    """A string column, of either offset width, or a dictionary of strings (labels)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 # -- reading a source into an Arrow table --------------------------------------------------------
@@ -344,10 +354,13 @@ def _read_csv(path: Path, kind: str) -> Source:
     if len(set(header)) != len(header):
         twice = sorted({name for name in header if header.count(name) > 1})
         raise DataError(f"{path}:1: the header names column(s) {', '.join(map(repr, twice))} more than once")
-    # Every column as text: type guessing would turn "007" into 7 and a label column into numbers.
-    features = Features({name: Value("string") for name in header})
-    dataset = _load("csv", path, delimiter=delimiter, features=features, keep_default_na=False, na_filter=False,
-                    encoding="utf-8-sig")
+    # Every column must stay text: type guessing would turn "007" into 7 and a label column into
+    # numbers. Read as pandas likes first (Arrow-backed strings: half the time and memory of forcing
+    # a schema), and again with every column declared a string only when a column came back typed.
+    options = {"delimiter": delimiter, "keep_default_na": False, "na_filter": False, "encoding": "utf-8-sig"}
+    dataset = _load("csv", path, **options)
+    if any(not (isinstance(f, Value) and f.dtype in ("string", "large_string")) for f in dataset.features.values()):
+        dataset = _load("csv", path, features=Features({name: Value("string") for name in header}), **options)
     if dataset.num_rows == 0:
         raise DataError(f"{path}: the file is empty; it has a header but no rows")
     return _from_dataset(str(path), kind, dataset)
@@ -380,6 +393,11 @@ class TaskData:
     dropped: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     where: Callable[[int], str] = str
+    key_column: str = "_key"
+
+    def keys(self):  # noqa: ANN201 - a pyarrow ChunkedArray
+        """The text compared for duplicates and train/test overlap, one per row."""
+        return self.table.column(self.key_column)
 
     @property
     def labels(self) -> list[str] | None:
@@ -393,7 +411,8 @@ class TaskData:
         return self.table.num_rows
 
     def take(self, indices: Any) -> TaskData:
-        return TaskData(self.source, self.table.take(indices), self.records, self.dropped, self.errors, self.where)
+        return TaskData(self.source, self.table.take(indices), self.records, self.dropped, self.errors, self.where,
+                        self.key_column)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Canonical rows as dicts, without the bookkeeping columns, batch by batch."""
@@ -503,16 +522,18 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
         column = table.column(name)
         shown = repr(spec.name) if name == spec.name else f"{spec.name!r} (column {name!r})"
         if spec.name == "label" and name in source.class_names:
-            column = pc.take(pa.array(source.class_names[name]), column)
+            column = pa.chunked_array([pa.DictionaryArray.from_arrays(chunk, pa.array(source.class_names[name]))
+                                       for chunk in column.chunks])
         elif spec.name == "label" and (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
             column = pc.cast(column, pa.string())
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        if not (is_text(column.type) or pa.types.is_null(column.type)):
             first = int(pc.index(pc.is_valid(column), True).as_py())
             type_name = type(table.column(name)[first].as_py()).__name__ if first >= 0 else str(column.type)
             fail(f"{source.where(max(first, 0))}: field {shown} must be a string, got {type_name}")
             bad[:] = True
             continue
-        column = pc.cast(column, pa.string())
+        if pa.types.is_null(column.type):
+            column = pc.cast(column, pa.string())  # large_string stays: a cast would copy the text
         missing = pc.is_null(column).to_numpy(zero_copy_only=False)
         if spec.required:
             _report(missing & ~bad, source, f"missing field {shown}" if name == spec.name else f"{shown} is missing",
@@ -520,21 +541,29 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             bad |= missing
         else:
             column = pc.fill_null(column, "")
-        trimmed = pc.utf8_trim_whitespace(column)
+        if spec.name == "label":  # few distinct values: check those, keep integer codes per row
+            column = pc.dictionary_encode(column).combine_chunks()
+            if pa.types.is_dictionary(column.dictionary.type):
+                column = pc.dictionary_encode(column.dictionary.take(column.indices)).combine_chunks()
+            blank_values = np.array([not (v or "").strip() for v in column.dictionary.to_pylist()] or [False])
+            blank = blank_values[pc.fill_null(column.indices, 0).to_numpy(zero_copy_only=False)]
+        else:  # no trimmed copy of the text: utf8_is_space agrees with utf8_trim_whitespace
+            blank = pc.fill_null(pc.or_(pc.utf8_is_space(column), pc.equal(pc.binary_length(column), 0)),
+                                 False).to_numpy(zero_copy_only=False)
         if spec.required:
-            empty = pc.fill_null(pc.equal(trimmed, ""), False).to_numpy(zero_copy_only=False)
-            empty &= ~bad
+            empty = blank & ~bad
             _report(empty, source, f"field {shown} is empty", fail)
             bad |= empty
-        columns[spec.name] = trimmed if spec.name == "label" else column
-    keep = np.flatnonzero(~bad)
+        columns[spec.name] = column
     out = pa.table(columns) if columns else pa.table({"_": pa.nulls(n)})
     out = out.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
     if bad.any():
-        out = out.take(pa.array(keep))
-    out = out.append_column("_group", _group_column(task, source, mapping, out, chosen))
-    out = out.append_column("_key", _key_column(task, out))
-    return TaskData(source=source.name, table=out, records=n, where=source.where)
+        out = _keep_rows(out, ~bad)
+    group = _group_column(task, source, mapping, out, chosen)
+    if group is not None:
+        out = out.append_column("_group", group)
+    out, key = _with_key(task, out)
+    return TaskData(source=source.name, table=out, records=n, where=source.where, key_column=key)
 
 
 def _report(mask: Any, source: Source, message: str, fail: Callable[[str], None]) -> None:
@@ -544,35 +573,50 @@ def _report(mask: Any, source: Source, message: str, fail: Callable[[str], None]
         fail(f"{source.where(int(index))}: {message}")
 
 
+def _keep_rows(table: pa.Table, keep: Any) -> pa.Table:
+    """The rows where ``keep`` (a bool array) is true.
+
+    A filter copies every column; when only a few rows go, zero-copy slices between them keep
+    the (memory-mapped) columns as they are.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    gone = np.flatnonzero(~keep)
+    if len(gone) > 1000 or len(gone) == len(keep):
+        return table.filter(pa.array(keep))
+    starts, ends = np.concatenate(([0], gone + 1)), np.concatenate((gone, [len(keep)]))
+    return pa.concat_tables([table.slice(start, end - start) for start, end in zip(starts, ends) if end > start])
+
+
 def _group_column(task: Task, source: Source, mapping: DataMapping, out: pa.Table, chosen: dict[str, str]):  # noqa: ANN202
-    """The split group of each row: the ``group_by`` column's value, else its source record."""
+    """The ``group_by`` column's value for each row (as text), or None when there is no ``group_by``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     group_by = mapping.group_by or task.group_by or ""
-    rows = out.column("_row")
     if not group_by:
-        return pc.cast(rows, pa.string())
+        return None
     column = chosen.get(group_by, group_by)
     if column not in source.table.column_names:
         raise DataError(f"{source.name}: task.group_by names column {group_by!r}, which the file does not have; "
                         f"its columns: {', '.join(source.table.column_names)}")
-    return pc.cast(pc.take(source.table.column(column), rows), pa.string())
+    return pc.cast(pc.take(source.table.column(column), out.column("_row")), pa.string())
 
 
-def _key_column(task: Task, table: pa.Table):  # noqa: ANN202
-    """What two rows must share to count as the same example: the task's text fields, joined."""
+def _with_key(task: Task, table: pa.Table) -> tuple[pa.Table, str]:
+    """The table and the name of its key column: the one text field, else ``_key`` joining them."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    names = [f.name for f in task.fields if f.key and f.name != "label" and f.name in table.column_names]
-    texts = [table.column(name) for name in names if pa.types.is_string(table.column(name).type)
-             or pa.types.is_large_string(table.column(name).type)]
-    if not texts:
-        return pc.cast(table.column("_row"), pa.string())
-    if len(texts) == 1:
-        return texts[0]
-    return pc.binary_join_element_wise(*texts, "\n")
+    names = [f.name for f in task.fields if f.key and f.name != "label" and f.name in table.column_names
+             and (pa.types.is_string(table.column(f.name).type) or pa.types.is_large_string(table.column(f.name).type))]
+    if len(names) == 1:
+        return table, names[0]
+    key = (pc.binary_join_element_wise(*(pc.cast(table.column(name), pa.large_string()) for name in names),
+                                       pa.scalar("\n", pa.large_string())) if names
+           else pc.cast(table.column("_row"), pa.string()))
+    return table.append_column("_key", key), "_key"
 
 
 def _parsed(task: Task, path: Path, mapping: DataMapping, fail: Callable[[str], None]) -> TaskData:
@@ -650,18 +694,17 @@ def _from_rows(task: Task, items, mapping: DataMapping, name: str, where: Callab
                 raise DataError(f"{place or where(index)}: task.group_by names column {group_by!r}, which this row "
                                 f"does not have; its columns: {', '.join(have)}")
             groups.append(str(value))
-        else:
-            groups.append(str(index))
     try:
         table = pa.Table.from_pylist(rows) if rows else pa.table({})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise DataError(f"{name}: the task's rows cannot form one table ({error}); a field holds values of "
                         "different types") from None
     table = table.append_column("_row", pa.array(record_index, pa.int64()))
-    table = table.append_column("_group", pa.array(groups, pa.string()))
-    table = table.append_column("_key", _key_column(task, table))
+    if group_by:
+        table = table.append_column("_group", pa.array(groups, pa.string()))
+    table, key = _with_key(task, table)
     locate = (lambda i: places.get(i) or where(i)) if places else where
-    return TaskData(source=name, table=table, records=records, where=locate)
+    return TaskData(source=name, table=table, records=records, where=locate, key_column=key)
 
 
 # -- labels: drop, map, check --------------------------------------------------------------------
@@ -679,11 +722,14 @@ def _labels(task: Task, data: TaskData, mapping: DataMapping, fail: Callable[[st
         labels = pa.array([task.format(row).target for row in data.rows()], pa.string())
         table = table.append_column("label", labels)
     column = table.column("label")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not is_text(column.type):
         column = pc.cast(column, pa.string())
-    column = pc.utf8_trim_whitespace(column)
+    # Labels are few: work on the distinct values (stripped, mapped, dropped) and keep the column
+    # as small integer codes into them, never a string per row.
     encoded = pc.dictionary_encode(column).combine_chunks()
-    names = [str(v) for v in encoded.dictionary.to_pylist()]
+    if pa.types.is_dictionary(encoded.dictionary.type):  # it was a dictionary already
+        encoded = pc.dictionary_encode(encoded.dictionary.take(encoded.indices)).combine_chunks()
+    names = [str(v).strip() for v in encoded.dictionary.to_pylist()]
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     drop = set(mapping.drop_labels)
     ordered = tuple(mapping.labels or task.labels or ())
@@ -705,10 +751,13 @@ def _labels(task: Task, data: TaskData, mapping: DataMapping, fail: Callable[[st
              "task.label_map or skip them with task.drop_labels")
         keep[unknown] = False
     row_keep = keep[codes]
-    relabelled = pc.take(pa.array(mapped, pa.string()), pa.array(codes))
+    final = list(dict.fromkeys(name for name, kept in zip(mapped, keep) if kept)) or [""]
+    position = {name: i for i, name in enumerate(final)}
+    remap = np.array([position.get(name, 0) for name in mapped], dtype=np.int32)  # dropped rows go below
+    relabelled = pa.DictionaryArray.from_arrays(pa.array(remap[codes]), pa.array(final, pa.string()))
     table = table.set_column(table.column_names.index("label"), "label", relabelled)
     if not row_keep.all():
-        table = table.filter(pa.array(row_keep))
+        table = _keep_rows(table, row_keep)
     data.table = table
 
 

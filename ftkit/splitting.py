@@ -15,15 +15,21 @@ from ftkit.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow as pa
 
     from ftkit.sources import TaskData
 
 
 def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool,
                   what: str = "task.test_size") -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of train and test (each sorted)."""
+    """Row indices of train and test (each sorted).
+
+    Ungrouped rows are split here with numpy (a seeded shuffle within each class, the test share
+    of each class by largest remainder, at least one row of every class on each side): scikit-learn
+    costs seconds to import and a dozen row-sized arrays, which a 200,000-row file notices. Grouped
+    rows go through scikit-learn's StratifiedGroupKFold / GroupShuffleSplit.
+    """
     import numpy as np
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 
     n = len(data)
     if n < 2:
@@ -31,14 +37,21 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
     if not 0 < test_size < 1:
         raise DataError(f"{what}: must be between 0 and 1, got {test_size}")
     table = data.table
-    groups = np.asarray(table.column("_group").to_numpy(zero_copy_only=False))
-    labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False)) if stratify else None
-    _, group_ids = np.unique(groups, return_inverse=True)
+    # Integer codes in the order np.unique would give (so the split is the same), without turning
+    # every row's group and label into a Python string.
+    # Rows of one source record stay together (HC3's answers to one question); so do rows sharing
+    # the group_by column, where there is one.
+    _, group_ids = (_sorted_codes(table.column("_group")) if "_group" in table.column_names
+                    else np.unique(table.column("_row").to_numpy(), return_inverse=True))
     grouped = group_ids.max() + 1 < n
-    index = np.arange(n)
+    label_values, labels = _sorted_codes(table.column("label")) if stratify else (None, None)
+    label_names = label_values.to_pylist() if stratify else []
+    index = np.arange(n) if grouped else None
     if labels is not None:
-        _check_stratifiable(labels, n, test_size, what, grouped)
+        _check_stratifiable(label_names, labels, n, test_size, what, grouped)
     if grouped and labels is not None:
+        from sklearn.model_selection import StratifiedGroupKFold
+
         folds = max(2, round(1 / test_size))
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         try:
@@ -46,15 +59,18 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
         except ValueError as error:
             raise DataError(f"{what}: cannot split {n} examples in {group_ids.max() + 1} groups: {error}") from None
     elif grouped:
+        from sklearn.model_selection import GroupShuffleSplit
+
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
         train, test = next(splitter.split(index, groups=group_ids))
     else:
-        try:
-            train, test = train_test_split(index, test_size=test_size, random_state=seed, stratify=labels)
-        except ValueError as error:  # too few examples for a split of that size
-            raise DataError(f"{what}: cannot split {n} examples: {error}") from None
+        chosen = _stratified_pick(labels if labels is not None else np.zeros(n, dtype=np.int64),
+                                  math.ceil(test_size * n), seed, at_least_one=labels is not None)
+        test_mask = np.zeros(n, dtype=bool)
+        test_mask[chosen] = True
+        train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
     if labels is not None:
-        missing = sorted(set(labels[train]) - set(labels[test]))
+        missing = [str(label_names[code]) for code in np.setdiff1d(labels[train], labels[test])]
         if missing:
             raise DataError(f"{data.source}: label(s) {', '.join(missing)} would be missing from the test split "
                             f"(rows are kept together by group); add examples or raise {what}")
@@ -63,10 +79,30 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
     return np.sort(train), np.sort(test)
 
 
-def _check_stratifiable(labels: np.ndarray, n: int, test_size: float, what: str, grouped: bool) -> None:
+def _sorted_codes(column) -> tuple[pa.Array, np.ndarray]:  # noqa: ANN001 - a pyarrow (Chunked)Array
+    """The distinct values, sorted, and each row's index into them: ``np.unique(..., return_inverse=True)``.
+
+    Arrow hashes the rows and sorts only the distinct values (np.unique sorts every row's Python object).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(column, null_encoding="encode").combine_chunks()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    # A dictionary column (labels) may list values no row holds any more (after a take): keep the used.
+    used, indices = np.unique(indices, return_inverse=True)
+    values = encoded.dictionary.take(pa.array(used))
+    order = pc.array_sort_indices(values, null_placement="at_end").to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return values.take(pa.array(order)), rank[indices]
+
+
+def _check_stratifiable(names: list, labels: np.ndarray, n: int, test_size: float, what: str, grouped: bool) -> None:
     import numpy as np
 
-    names, counts = np.unique(labels, return_counts=True)
+    counts = np.bincount(labels, minlength=len(names))
     rare = sorted(str(name) for name, count in zip(names, counts) if count < 2)
     if rare:
         raise DataError(f"label(s) {', '.join(rare)} have fewer than 2 examples: a stratified split would leave "
@@ -78,17 +114,41 @@ def _check_stratifiable(labels: np.ndarray, n: int, test_size: float, what: str,
                         "or add data")
 
 
+def _stratified_pick(codes: np.ndarray, k: int, seed: int, *, at_least_one: bool) -> np.ndarray:
+    """``k`` row indices drawn (seeded) so that each class gets its share, by largest remainder.
+
+    With ``at_least_one`` every class keeps at least one row on both sides (classes of two or more).
+    """
+    import numpy as np
+
+    n = len(codes)
+    counts = np.bincount(codes)
+    exact = counts * (k / n)
+    take = np.floor(exact).astype(np.int64)
+    if at_least_one:
+        take = np.clip(take, np.minimum(1, counts - 1), np.maximum(counts - 1, 0))
+    # Hand out what is left (or take back what is over) by the largest (smallest) remainder.
+    while take.sum() != k:
+        room = (take < counts - (1 if at_least_one else 0)) if take.sum() < k else (take > (1 if at_least_one else 0))
+        if not room.any():
+            break
+        score = np.where(room, exact - take, np.inf if take.sum() > k else -np.inf)
+        pick = int(np.argmax(score)) if take.sum() < k else int(np.argmin(score))
+        take[pick] += 1 if take.sum() < k else -1
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(n)
+    by_class = shuffled[np.argsort(codes[shuffled], kind="stable")]
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return np.concatenate([by_class[start:start + t] for start, t in zip(starts, take)]) if len(take) else \
+        np.array([], dtype=np.int64)
+
+
 def sample_indices(data: TaskData, n: int, seed: int, *, stratify: bool) -> np.ndarray:
     """At most ``n`` row indices, keeping the class proportions (seeded)."""
     import numpy as np
-    from sklearn.model_selection import train_test_split
 
     total = len(data)
     if n <= 0 or n >= total:
         return np.arange(total)
-    labels = data.table.column("label").to_numpy(zero_copy_only=False) if stratify else None
-    try:
-        kept, _ = train_test_split(np.arange(total), train_size=n, random_state=seed, stratify=labels)
-    except ValueError:  # a class too rare to keep in proportion: fall back to a plain sample
-        kept, _ = train_test_split(np.arange(total), train_size=n, random_state=seed)
-    return np.sort(kept)
+    codes = _sorted_codes(data.table.column("label"))[1] if stratify else np.zeros(total, dtype=np.int64)
+    return np.sort(_stratified_pick(codes, n, seed, at_least_one=False))
