@@ -92,6 +92,23 @@ def compute_dtype(recipe: Recipe):  # noqa: ANN201 - a torch.dtype
     return torch.float32
 
 
+def _keep_4bit_weights_trainable_on_cpu(model) -> None:  # noqa: ANN001
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference in a model that is trained.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a Linear4bit's weights into an
+    inference-only layout the first time it runs in eval mode, and never back: training after the
+    baseline evaluation then fails ("a view of a leaf Variable ... in-place operation"). The
+    packed layout only speeds up inference, so a model ftkit trains keeps the plain layout.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, tokenizer) -> LoadedModel:  # noqa: ANN001
     """Load the base model with the right head, quantize it for QLoRA, and wrap it in LoRA."""
     import torch
@@ -130,6 +147,7 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
                 model, use_gradient_checkpointing=recipe.train.activation_checkpointing
             )
             if not cuda:
+                _keep_4bit_weights_trainable_on_cpu(model)
                 notices.append("QLoRA on CPU: bitsandbytes 4-bit NF4 runs here, but slowly; "
                                "compute in float32 (no fast bf16 on this CPU)")
         except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many backend-specific ways
