@@ -652,6 +652,8 @@ def source_records(source: Source | str | Path) -> Iterator[tuple[str, dict]]:
     index = 0
     for batch in source.table.to_batches(BATCH):
         for record in batch.to_pylist():
+            # A table has every column in every row; a key the row did not have comes back None.
+            record = {key: value for key, value in record.items() if value is not None}
             for col, names in source.class_names.items():
                 if isinstance(record.get(col), int):
                     record[col] = names[record[col]]
@@ -764,3 +766,51 @@ def _labels(task: Task, data: TaskData, mapping: DataMapping, fail: Callable[[st
 def unseen_labels(train: TaskData, test: TaskData) -> list[str]:
     """Test labels that never occur in training: the model cannot have learnt them."""
     return sorted(set(test.labels or ()) - set(train.labels or ()))
+
+
+def record_rows(task: Task, record: Mapping[str, Any], where: str, mapping: DataMapping) -> list[dict[str, Any]]:
+    """One source record to the task's canonical rows, in Python (``ftkit predict``'s few rows).
+
+    The same mapping and checks as :func:`load_task_data`, record by record: a dropped label gives
+    no row; a label outside a fixed label set is a DataError naming ``where``.
+    """
+    from ftkit.data import require_str
+
+    if mapping.columns:
+        renamed = {col: name for name, col in mapping.columns.items()}
+        record = {renamed.get(k, k): v for k, v in record.items()}
+    if task.parse is not None:
+        rows = [dict(row) for row in task.parse(record, where, **_options(task, mapping))]
+    elif task.fields:
+        row: dict[str, Any] = {}
+        for spec in task.fields:
+            found = next((name for name in (spec.name, *spec.aliases) if name in record), None)
+            if found is None:
+                if spec.required:
+                    raise DataError(f"{where}: missing field {spec.name!r}")
+                row[spec.name] = ""
+                continue
+            value = record[found]
+            if spec.name == "label" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            row[spec.name] = require_str({spec.name: value}, spec.name, where) if spec.required else str(value or "")
+        rows = [row]
+    else:
+        raise DataError(f"{where}: task {task.name!r} reads whole files only")
+    if task.kind != "classification":
+        return rows
+    kept = []
+    allowed = tuple(mapping.labels or task.labels or ())
+    for row in rows:
+        if "label" not in row:
+            kept.append(row)
+            continue
+        label = str(row["label"]).strip()
+        if label in mapping.drop_labels:
+            continue
+        label = mapping.label_map.get(label, label)
+        if allowed and label not in allowed:
+            raise DataError(f"{where}: label {label!r} is not one of {', '.join(allowed)}; map it with "
+                            "task.label_map or skip it with task.drop_labels")
+        kept.append({**row, "label": label})
+    return kept

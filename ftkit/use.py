@@ -128,18 +128,26 @@ def read_inputs(run: RunFolder, path: str | Path, *, need_target: bool = False) 
     """
     path = Path(path)
     task = run.task
-    options = dict(run.recipe.task.options) | ({"labels": run.labels} if run.labels else {})
+    from dataclasses import replace
+
+    from ftkit.sources import DataMapping, record_rows, source_records
+
+    # The run's own mapping (columns, label_map, drop_labels), with the labels it trained on.
+    mapping = DataMapping.from_section(run.recipe.task)
+    if run.labels:
+        mapping = replace(mapping, labels=tuple(run.labels))
     defaults = trained_defaults(run)
     rows: list[InputRow] = []
-    if task.parse is None:  # only a whole-file loader: the task's layout, else ftkit's for every record
+    if task.parse is None and not task.fields:  # only a whole-file loader: the task's layout, else ftkit's
+        options = dict(mapping.options) | ({"labels": run.labels} if run.labels else {})
         try:
             rows = [InputRow(f"{path}[{i}]", task.format(row), True) for i, row in enumerate(task.load(path, **options))]
         except DataError:
             rows = [_example_row(record, where, defaults, run.labels) for where, record in read_records(path)]
     else:
-        for where, record in (task.read or read_records)(path):
+        for where, record in (task.read or source_records)(path):
             try:
-                rows += [InputRow(where, task.format(row), True) for row in task.parse(record, where, **options)]
+                rows += [InputRow(where, task.format(row), True) for row in record_rows(task, record, where, mapping)]
             except DataError:
                 if "input" not in record or not set(record) <= EXAMPLE_KEYS:
                     raise

@@ -179,9 +179,13 @@ def test_generation_tasks_train_with_masked_prompts_and_report_their_metrics(tmp
 def test_classifier_head_task_with_dropped_labels_runs(tmp_path):
     out = tmp_path / "bank"
     done = run_ftkit("run", str(ROOT / "recipes" / "bank-intent.toml"), *TINY, "--set", "train.max_steps=4",
-                     "--set", 'method.target_modules=["q_proj","v_proj"]', "--set", f"output.dir={toml_str(out)}")
+                     "--set", 'method.target_modules=["q_proj","v_proj"]', "--set", 'task.drop_labels=["investments"]',
+                     "--set", f"output.dir={toml_str(out)}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "WARNING: " + str(FIXTURES / "bank_intent.jsonl") + ":8: dropped row with label 'investments'" in done.stderr
+    assert "WARNING" not in done.stderr  # dropped on purpose: counted, not warned row by row
+    labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))["labels"]
+    assert labels == ["balance", "card_lost", "fraud_risk", "other", "refund"]  # the data's own, sorted
+    assert "dropped from the training data: 1 (label in task.drop_labels)" in (out / "report.md").read_text(encoding="utf-8")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["headline_metric"] == "macro_f1" and 0.0 <= metrics["finetuned"]["macro_f1"] <= 1.0
 

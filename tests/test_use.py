@@ -386,7 +386,7 @@ def test_bad_input_lines_are_one_line_errors_naming_file_and_line(classifier_run
     bad_field = tmp_path / "field.jsonl"
     bad_field.write_text('{"input": "好開心"}\n{"input": "ok"}\n{"sentence": "no input"}\n', encoding="utf-8")
     assert_one_line_error(ftkit("predict", classifier_run, bad_field, "-o", out), 1,
-                          f"{bad_field}:3: missing field 'input'")
+                          f"{bad_field}:3: missing field 'text'")
     bad_label = tmp_path / "label.jsonl"
     bad_label.write_text('{"text": "好開心", "emotion": "開心"}\n', encoding="utf-8")
     assert_one_line_error(ftkit("predict", classifier_run, bad_label, "-o", out), 1,
