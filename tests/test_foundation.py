@@ -103,8 +103,11 @@ def test_tasks_json_is_stable():
     assert data["bank-intent"]["headline_metric"] == "macro_f1"
     assert set(data["squad-qa"]) == {
         "name", "kind", "description", "labels", "headline_metric", "default_head",
-        "hub_dataset", "data_format", "options", "plugin",
+        "hub_dataset", "data_format", "options", "fields", "group_by", "plugin",
     }
+    assert data["squad-qa"]["group_by"] == "context"
+    assert [f["name"] for f in data["emotion"]["fields"]] == ["text", "label"]
+    assert data["emotion"]["fields"][1]["aliases"] == ["emotion", "output"]
 
 
 def test_tasks_show_and_unknown_task():
