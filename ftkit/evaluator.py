@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ftkit import distributed
+from ftkit.metrics import task_metrics
 from ftkit.prepare import IGNORE_INDEX, encode_causal, render_prompt
 from ftkit.tasks import Example, Task
 
@@ -178,6 +179,11 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, l
         elif task.kind == "classification":
             predictions = predict_label_scores(model, tokenizer, mine, labels, batch, max_len, desc)
         else:
+            if recipe.eval.do_sample:
+                # Sampling seeded with train.seed: `ftkit eval RUN` draws the same replies again.
+                import torch
+
+                torch.manual_seed(recipe.train.seed + distributed.rank())
             predictions = generate(model, tokenizer, mine, recipe.eval, batch, max_len, desc)
         nll = answer_nll(model, tokenizer, mine, batch, max_len, desc) if task.kind == "generation" else None
         return predictions, nll
@@ -187,7 +193,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, l
     finally:
         model.train(was_training)
     predictions = distributed.unshard([shard for shard, _ in shards])
-    metrics = distributed.together(lambda: task.metrics(predictions, [e.references for e in examples]))
+    metrics = distributed.together(
+        lambda: task_metrics(task, predictions, [e.references for e in examples], labels))
     if task.kind == "generation":
         total, count = (sum(values) for values in zip(*(nll for _, nll in shards)))
         metrics["perplexity"] = math.exp(total / max(count, 1))
