@@ -93,6 +93,11 @@ class EvalSection:
     top_p: float = _f(0.9, "generation: nucleus sampling mass", low=0.0, high=1.0, low_open=True)
     top_k: int = _f(50, "generation: sample among the top k tokens", low=0)
     repetition_penalty: float = _f(1.0, "generation: > 1 discourages repeats", low=0.0, low_open=True)
+    label_score: str = _f("sum", "causal head, classification: a label's score is the sum of its answer tokens' "
+                          "log-probs, or their mean (length-normalised: long labels are not penalised)",
+                          choices=("sum", "mean"))
+    calibrate: bool = _f(False, "causal head, classification: subtract each label's log-prob after the content-free "
+                         "input `N/A` (contextual calibration, Zhao et al. 2021), removing the model's bias for labels")
 
 
 @dataclass
