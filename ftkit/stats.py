@@ -275,8 +275,8 @@ def verdict_sentence(verdict: dict[str, Any] | None, names: dict[str, str] | Non
 def representative_sample(items: Sequence[T], n: int, seed: int, key: Callable[[T], str] | None = None) -> list[T]:
     """At most ``n`` of ``items``, in their original order: stratified by ``key`` when given, seeded.
 
-    Every label gets at least one example when ``n`` allows it; the rest is shared in proportion to
-    each label's count (largest remainders), so a file sorted by label is sampled like a shuffled one.
+    Each label gets its share of ``n`` in proportion to its count (largest remainders), and at least
+    one example when ``n`` allows it, so a file sorted by label is sampled like a shuffled one.
     """
     import random
 
@@ -293,20 +293,16 @@ def representative_sample(items: Sequence[T], n: int, seed: int, key: Callable[[
     names = sorted(groups, key=lambda label: (-len(groups[label]), label))
     if n < len(names):  # too few to cover every label: one each from the most frequent
         return [items[i] for i in sorted(groups[label][0] for label in names[:n])]
-    take = {label: 1 for label in names}
-    spare = n - len(names)
-    rest = {label: len(groups[label]) - 1 for label in names}
-    total = sum(rest.values())
-    shares = {label: spare * rest[label] / total if total else 0.0 for label in names}
+    # Largest remainders: each label's share of n, rounded so the shares sum to n exactly.
+    quota = {label: n * len(groups[label]) / len(items) for label in names}
+    take = {label: int(quota[label]) for label in names}
+    for label in sorted(names, key=lambda label: int(quota[label]) - quota[label])[:n - sum(take.values())]:
+        take[label] += 1
+    # A label too rare for its share still gets one example, taken from the largest share.
     for label in names:
-        take[label] += int(shares[label])
-    left = n - sum(take.values())
-    for label in sorted(names, key=lambda label: -(shares[label] - int(shares[label]))):
-        if left == 0:
-            break
-        if take[label] < len(groups[label]):
-            take[label] += 1
-            left -= 1
+        if take[label] == 0:
+            take[max(names, key=lambda other: take[other])] -= 1
+            take[label] = 1
     return [items[i] for i in sorted(i for label in names for i in groups[label][:take[label]])]
 
 
