@@ -259,7 +259,9 @@ def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: l
     inputs = torch.tensor([a[:-1] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
     targets = torch.tensor([a[1:] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
     scored = torch.tensor([[k < len(a) - 1 for k in range(width)] for a in answers], device=device)
-    rows_cache = copy.deepcopy(cache)
+    # The prompt cache serves later chunks too: select rows on shallow copies (new tensors), not in place.
+    rows_cache = copy.copy(cache)
+    rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
     rows_cache.batch_select_indices(rows)
     mask = torch.cat([prompt_mask[rows], scored.long()], dim=-1)
     positions = last_positions[rows, None] + 1 + torch.arange(width, device=device)
