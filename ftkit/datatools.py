@@ -145,7 +145,7 @@ def _duplicates(data: TaskData, limit: int = 50) -> dict[str, list[str]]:
     """Texts that occur more than once, with where (at most ``limit`` texts)."""
     import pyarrow.compute as pc
 
-    keys = data.table.column("_key")
+    keys = data.keys()
     counts = pc.value_counts(keys)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     found: dict[str, list[str]] = {}
@@ -172,10 +172,10 @@ def _compare_test(task: Task, train: TaskData, test_path: Path, mapping: DataMap
 
     test = load_task_data(task, test_path, mapping, collect=True)
     report.errors += test.errors
-    exact = pc.is_in(test.table.column("_key"), value_set=pc.unique(train.table.column("_key")))
-    near = pc.is_in(normalized(test.table.column("_key")), value_set=pc.unique(normalized(train.table.column("_key"))))
+    exact = pc.is_in(test.keys(), value_set=pc.unique(train.keys()))
+    near = pc.is_in(normalized(test.keys()), value_set=pc.unique(normalized(train.keys())))
     near = pc.and_(near, pc.invert(exact))
-    examples = [str(v) for v in pc.filter(test.table.column("_key"), pc.or_(exact, near)).slice(0, 3).to_pylist()]
+    examples = [str(v) for v in pc.filter(test.keys(), pc.or_(exact, near)).slice(0, 3).to_pylist()]
     unseen = unseen_labels(train, test) if task.kind == "classification" else []
     if unseen:
         report.errors.append(f"{test_path}: test label(s) {', '.join(map(repr, unseen[:10]))} never occur in "
@@ -232,8 +232,8 @@ def split_file(task: Task, path: Path, out_dir: Path, mapping: DataMapping, *, t
     train_rows, test_rows = split_indices(data, test_size, seed, stratify=task.kind == "classification",
                                           what="--test-size")
     train, test = data.take(train_rows), data.take(test_rows)
-    overlap = pc.is_in(train.table.column("_key"), value_set=pc.unique(test.table.column("_key")))
-    overlap_texts = sorted({str(v) for v in pc.filter(train.table.column("_key"), overlap).to_pylist()})
+    overlap = pc.is_in(train.keys(), value_set=pc.unique(test.keys()))
+    overlap_texts = sorted({str(v) for v in pc.filter(train.keys(), overlap).to_pylist()})
     part_of = {}
     for part, rows in (("train", train), ("test", test)):
         for record in set(rows.table.column("_row").to_pylist()):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ftkit import distributed
-from ftkit.prepare import IGNORE_INDEX, encode_causal, render_prompt
+from ftkit.metrics import task_metrics
+from ftkit.prepare import IGNORE_INDEX, encode_causal, render_answer, render_prompt
 from ftkit.tasks import Example, Task
 
 
@@ -89,27 +91,204 @@ def predict_classifier(model, tokenizer, examples: list[Example], labels: list[s
     return [labels[j] for j in scores.argmax(-1).tolist()]
 
 
+#: Zhao et al. 2021's content-free input: the labels' scores after it are the model's prior for them.
+CONTENT_FREE_INPUT = "N/A"
+#: Label continuations per forward, per example of the evaluation batch size. Each continuation row
+#: holds a copy of its prompt's KV cache but runs only its few answer tokens, so a chunk of
+#: 4 x batch_size rows needs about the memory of one brute-force batch (whose vocabulary logits at
+#: every position dominate) while keeping the forwards large enough to be efficient on a CPU.
+CONTINUATIONS_PER_EXAMPLE = 4
+
+
 def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
-                 max_len: int, desc: str):
-    """An (examples × labels) tensor: the log-likelihood of each label as the answer to each prompt."""
+                 max_len: int, desc: str, *, score: str = "sum", calibrate: bool = False):
+    """An (examples × labels) tensor: how strongly the model gives each label as the answer.
+
+    ``score="sum"``: the answer's log-likelihood after the prompt; ``"mean"``: per answer token, so
+    a label is not penalised for having more tokens. ``calibrate``: minus the labels' log-probs after
+    a content-free input (contextual calibration, Zhao et al. 2021). The prompt runs once per example
+    and its KV cache serves every label; see :func:`answer_logprobs`.
+    """
+    return _label_scores(answer_logprobs, model, tokenizer, examples, labels, batch_size, max_len, desc,
+                         score, calibrate)
+
+
+def label_scores_brute_force(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
+                             max_len: int, desc: str, *, score: str = "sum", calibrate: bool = False):
+    """:func:`label_scores` the slow way, one full prompt + answer forward per (example, label): the reference."""
+    return _label_scores(answer_logprobs_brute_force, model, tokenizer, examples, labels, batch_size, max_len,
+                         desc, score, calibrate)
+
+
+def _label_scores(logprobs, model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN202
+                  max_len: int, desc: str, score: str, calibrate: bool):
+    total, count = logprobs(model, tokenizer, examples, labels, batch_size, max_len, desc)
+    scores = reduce_answer_logprobs(total, count, score)
+    if not calibrate:
+        return scores
+    # Content-free copies of the examples: same system prompt and instruction, input "N/A".
+    blanks: dict[Example, int] = {}
+    rows = [blanks.setdefault(replace(e, input=CONTENT_FREE_INPUT, target="", references=("",)), len(blanks))
+            for e in examples]
+    blank_total, blank_count = logprobs(model, tokenizer, list(blanks), labels, batch_size, max_len, desc)
+    return calibrate_scores(scores, reduce_answer_logprobs(blank_total, blank_count, score)[rows])
+
+
+def reduce_answer_logprobs(total, count, score: str):  # noqa: ANN001, ANN201
+    """A label's score from its answer tokens' summed log-prob and their number: the sum or the mean."""
+    if score == "sum":
+        return total
+    if score == "mean":
+        return total / count.clamp(min=1)
+    raise ValueError(f"`score` must be sum or mean, got {score!r}")
+
+
+def calibrate_scores(scores, content_free):  # noqa: ANN001, ANN201
+    """Contextual calibration: subtract each label's log-prob (over the labels) after a content-free input.
+
+    ``content_free`` holds the label scores after the content-free input, one row per row of
+    ``scores``. A softmax over the result equals Zhao et al.'s diag(p_cf)^-1 p, renormalized.
+    """
+    return scores - content_free.log_softmax(-1)
+
+
+def answer_logprobs_brute_force(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
+                                max_len: int, desc: str):
+    """(examples × labels) summed log-probs of each label's answer tokens, and their counts, one full
+    forward of prompt + answer per pair with vocabulary logits at every position."""
     import torch
 
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
     features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j]) for i, j in pairs]
-    scores = torch.full((len(examples), len(labels)), -math.inf)
+    total = torch.zeros((len(examples), len(labels)))
+    count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
     with torch.inference_mode():
         for chunk, feats in _batches(features, batch_size, lambda f: len(f["input_ids"]), desc):
-            nll, _ = _sequence_nll(model, _pad(tokenizer, feats, _device(model)))
-            for k, value in zip(chunk, nll.tolist()):
+            nll, n = _sequence_nll(model, _pad(tokenizer, feats, _device(model)))
+            for k, value, tokens in zip(chunk, nll.tolist(), n.tolist()):
                 i, j = pairs[k]
-                scores[i, j] = -value
-    return scores
+                total[i, j], count[i, j] = -value, tokens
+    return total, count
+
+
+@dataclass
+class _Prompt:
+    """One prompt to run once, and the labels scored after it."""
+
+    example: int
+    ids: list[int]
+    labels: list[int]
+
+
+def _label_prompts(tokenizer, examples: list[Example], labels: list[str], max_len: int):  # noqa: ANN001, ANN202
+    """Prompts and answer ids, cut exactly as :func:`encode_causal` cuts them for the brute force.
+
+    The prompt keeps ``max_len`` minus the answer's length, so when a prompt is too long, labels of
+    different lengths see different cuts of it: one :class:`_Prompt` per distinct cut.
+    """
+    prompts: list[_Prompt] = []
+    answers: list[list[list[int]]] = []
+    for i, example in enumerate(examples):
+        prompt = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
+        texts = [render_answer(tokenizer, example, label) for label in labels]
+        ids = [a[: max_len // 2] for a in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        answers.append(ids)
+        cuts: dict[int, list[int]] = {}
+        for j, answer in enumerate(ids):
+            cuts.setdefault(max(0, len(prompt) - (max_len - len(answer))), []).append(j)
+        prompts += [_Prompt(i, prompt[start:], js) for start, js in cuts.items()]
+    return prompts, answers
+
+
+def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
+                    max_len: int, desc: str):
+    """(examples × labels) summed log-probs of each label's answer tokens, and their counts.
+
+    Same numbers as :func:`answer_logprobs_brute_force`, fast: one forward over each batch of
+    prompts (left-padded, so every prompt ends in the last column), whose next-token logits score
+    every label's first answer token; then the labels' remaining tokens run as continuations of
+    the prompt's KV cache, copied once per label. Vocabulary logits are computed only at those
+    positions (``logits_to_keep``).
+    """
+    import torch
+
+    prompts, answers = _label_prompts(tokenizer, examples, labels, max_len)
+    total = torch.zeros((len(examples), len(labels)))
+    count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
+    device, (cache_name, keeps_logits) = _device(model), _forward_arguments(model)
+    with torch.inference_mode():
+        for _, batch in _batches(prompts, batch_size, lambda p: len(p.ids), desc):
+            padded = _pad(tokenizer, [{"input_ids": p.ids} for p in batch], device, side="left")
+            mask = padded["attention_mask"]
+            # Left padding: positions must count real tokens only, as in the brute force's right-padded rows.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=padded["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                        **({"logits_to_keep": 1} if keeps_logits else {}))
+            cache = getattr(out, cache_name)
+            first = out.logits[:, -1].float().log_softmax(-1).cpu()
+            rows = [(b, p.example, j) for b, p in enumerate(batch) for j in p.labels if answers[p.example][j]]
+            b, i, j = (torch.tensor(column) for column in zip(*rows))
+            total[i, j] = first[b, torch.tensor([answers[r][c][0] for _, r, c in rows])]
+            count[i, j] = torch.tensor([len(answers[r][c]) for _, r, c in rows])
+            rows = sorted((r for r in rows if len(answers[r[1]][r[2]]) > 1), key=lambda r: -len(answers[r[1]][r[2]]))
+            step = batch_size * CONTINUATIONS_PER_EXAMPLE
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                logprob = _continuation_logprobs(model, cache, mask, positions[:, -1],
+                                                 [answers[i][j] for _, i, j in chunk],
+                                                 torch.tensor([b for b, _, _ in chunk], device=device),
+                                                 tokenizer.pad_token_id, cache_name, keeps_logits)
+                for (_, i, j), value in zip(chunk, logprob.tolist()):
+                    total[i, j] += value
+    return total, count
+
+
+def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: list[list[int]], rows,  # noqa: ANN001, ANN202
+                           pad_id: int, cache_name: str, keeps_logits: bool):
+    """Summed log-probs of each answer's tokens after the first, run on a copy of its prompt's cache.
+
+    ``rows`` picks each answer's prompt in the prompt batch (repeats allowed); answers are sorted
+    longest first, so right padding wastes little.
+    """
+    import copy
+
+    import torch
+
+    width = len(answers[0]) - 1
+    device = prompt_mask.device
+    inputs = torch.tensor([a[:-1] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
+    targets = torch.tensor([a[1:] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
+    scored = torch.tensor([[k < len(a) - 1 for k in range(width)] for a in answers], device=device)
+    # The prompt cache serves later chunks too: select rows on shallow copies (new tensors), not in place.
+    rows_cache = copy.copy(cache)
+    rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
+    rows_cache.batch_select_indices(rows)
+    mask = torch.cat([prompt_mask[rows], scored.long()], dim=-1)
+    positions = last_positions[rows, None] + 1 + torch.arange(width, device=device)
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_name: rows_cache}, **({"logits_to_keep": 0} if keeps_logits else {}))
+    logprob = out.logits[:, -width:].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    return (logprob * scored).sum(-1)
+
+
+def _forward_arguments(model) -> tuple[str, bool]:  # noqa: ANN001
+    """The name of the forward's KV-cache argument and output, and whether it takes ``logits_to_keep``.
+
+    transformers renamed ``past_key_values`` to ``cache`` during 5.x; ftkit supports both. A peft
+    wrapper passes both arguments on to its base model, so the base model's signature decides.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 
 
 def predict_label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
-                         max_len: int, desc: str) -> list[str]:
-    """Label-restricted decoding: the label whose answer has the highest log-likelihood."""
-    scores = label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc)
+                         max_len: int, desc: str, *, score: str = "sum", calibrate: bool = False) -> list[str]:
+    """Label-restricted decoding: the label with the highest score (see :func:`label_scores`)."""
+    scores = label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc, score=score,
+                          calibrate=calibrate)
     return [labels[j] for j in scores.argmax(-1).tolist()]
 
 
@@ -176,8 +355,14 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, l
         if head == "classifier":
             predictions = predict_classifier(model, tokenizer, mine, labels, batch, max_len, desc)
         elif task.kind == "classification":
-            predictions = predict_label_scores(model, tokenizer, mine, labels, batch, max_len, desc)
+            predictions = predict_label_scores(model, tokenizer, mine, labels, batch, max_len, desc,
+                                               score=recipe.eval.label_score, calibrate=recipe.eval.calibrate)
         else:
+            if recipe.eval.do_sample:
+                # Sampling seeded with train.seed: `ftkit eval RUN` draws the same replies again.
+                import torch
+
+                torch.manual_seed(recipe.train.seed + distributed.rank())
             predictions = generate(model, tokenizer, mine, recipe.eval, batch, max_len, desc)
         nll = answer_nll(model, tokenizer, mine, batch, max_len, desc) if task.kind == "generation" else None
         return predictions, nll
@@ -187,7 +372,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, l
     finally:
         model.train(was_training)
     predictions = distributed.unshard([shard for shard, _ in shards])
-    metrics = distributed.together(lambda: task.metrics(predictions, [e.references for e in examples]))
+    metrics = distributed.together(
+        lambda: task_metrics(task, predictions, [e.references for e in examples], labels))
     if task.kind == "generation":
         total, count = (sum(values) for values in zip(*(nll for _, nll in shards)))
         metrics["perplexity"] = math.exp(total / max(count, 1))

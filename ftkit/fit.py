@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ftkit.errors import ConfigError, UsageError
+from ftkit.errors import ConfigError, ModelError, UsageError
 from ftkit.estimator import DEFAULT_TARGETS, Estimate, Settings, estimate
 from ftkit.model_configs import ModelShape, resolve_shape, shape_from_config
 from ftkit.recipe import Recipe
@@ -22,13 +22,21 @@ def recipe_shape(recipe: Recipe, model_path: Path | None = None) -> ModelShape |
     try:
         if model_path is not None and (Path(model_path) / "config.json").is_file():
             return shape_from_config(Path(model_path) / "config.json", name=recipe.model.id)
-        if recipe.model.source == "builtin":
+        if recipe.model.source == "builtin" and recipe.model.id == "ftkit/tiny-qwen2":
             from ftkit.tiny import TINY_MODEL_VERSION, tiny_cache_root
 
             config = tiny_cache_root() / f"tiny-qwen2-{TINY_MODEL_VERSION}" / "config.json"
             return shape_from_config(config, name=recipe.model.id) if config.is_file() else None
+        from ftkit.modeling import gguf_file_path, is_gguf_source
+
+        if recipe.model.source == "builtin" or is_gguf_source(recipe):
+            # The GGUF header has the shape: no need to dequantize (or even have the cache) first.
+            from ftkit.gguf import builtin_gguf_file, shape_from_gguf
+
+            gguf = builtin_gguf_file(recipe.model.id) if recipe.model.source == "builtin" else gguf_file_path(recipe)
+            return shape_from_gguf(gguf, name=recipe.model.id)
         return resolve_shape(recipe.model.id)
-    except UsageError:
+    except (UsageError, ModelError):
         return None
 
 

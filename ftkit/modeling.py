@@ -18,10 +18,18 @@ Echo = Any  # a callable(str) -> None
 def resolve_model_path(recipe: Recipe, echo: Echo = print) -> Path:
     """The local folder holding ``model.id``: built in, a local path, or a (cached) hub download."""
     model = recipe.model
-    if model.source == "builtin":
+    if model.source == "builtin" and model.id == "ftkit/tiny-qwen2":
         from ftkit.tiny import tiny_model_path
 
         return tiny_model_path()
+    if model.source == "builtin":
+        from ftkit.gguf import builtin_gguf_file, gguf_model_path
+
+        return gguf_model_path(builtin_gguf_file(model.id), model_id=model.id, echo=echo)
+    if is_gguf_source(recipe):
+        from ftkit.gguf import gguf_model_path
+
+        return gguf_model_path(gguf_file_path(recipe), requested_dtype=model.dtype, echo=echo)
     if model.source == "local":
         path = Path(model.id).expanduser()
         if not path.is_absolute() and recipe.path is not None:
@@ -58,6 +66,20 @@ def resolve_model_path(recipe: Recipe, echo: Echo = print) -> Path:
             + (" and HF_HUB_OFFLINE=1" if offline else f" and could not be downloaded ({type(error).__name__})")
             + "; download it first or set model.source = \"local\" with its folder"
         ) from error
+
+
+def is_gguf_source(recipe: Recipe) -> bool:
+    """Whether ``model.id`` names a GGUF file: ``source = "gguf"``, or a local path ending in ``.gguf``."""
+    model = recipe.model
+    return model.source == "gguf" or (model.source == "local" and model.id.lower().endswith(".gguf"))
+
+
+def gguf_file_path(recipe: Recipe) -> Path:
+    """The GGUF file ``model.id`` names, relative to the recipe file when not absolute."""
+    path = Path(recipe.model.id).expanduser()
+    if not path.is_absolute() and recipe.path is not None:
+        path = (recipe.path.parent / path).resolve()
+    return path
 
 
 def load_tokenizer(path: Path, recipe: Recipe):  # noqa: ANN201 - a transformers tokenizer
@@ -113,7 +135,9 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
     """Load the base model with the right head, quantize it for QLoRA, and wrap it in LoRA."""
     import torch
 
-    notices: list[str] = []
+    from ftkit.gguf import dequantized_notice
+
+    notices: list[str] = [notice] if (notice := dequantized_notice(path)) else []
     dtype = compute_dtype(recipe)
     method = recipe.method.name
     cuda = torch.cuda.is_available()

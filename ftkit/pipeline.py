@@ -1,11 +1,18 @@
 """``ftkit run``: one fine-tuning run, top to bottom.
 
-    setup → load data → load model → baseline evaluation → train → evaluation → save
+    setup → load data → load model → baselines → train → evaluation → save (with the verdict)
 
 Everything is written into ``<output.dir>.partial`` and renamed into place only at the end, so a
 folder named like the run is always complete; a failure before training removes the partial
 folder, a failure during training leaves it with its checkpoints, and ``--resume`` continues from
-the newest complete one (the baseline evaluation is kept, not redone).
+the newest complete one (the baseline evaluations are kept, not redone).
+
+Baselines (classification): ``majority`` (always the most frequent training label) and
+``zero_shot`` (the base model choosing a label through its LM head, also when the recipe trains a
+classifier head). A classifier-head run also evaluates its base model with the newly initialized
+head, reported as ``random_head`` and never the comparison. Generation: the base model's zero-shot
+replies. :mod:`ftkit.stats` gives every model its 95% interval and the fine-tuned model its verdict
+against the best baseline.
 
 Under torchrun or ``accelerate launch`` (see docs/distributed.md) every rank runs every step, but
 only rank 0 prints and touches the run folder; :mod:`ftkit.distributed` says who does what.
@@ -25,6 +32,9 @@ from ftkit import distributed
 from ftkit.errors import ConfigError, FtkitError, UsageError
 from ftkit.recipe import Recipe
 from ftkit.tasks import Task
+
+#: The models a fine-tuned model is judged against (the best of those that ran); never the random head.
+BASELINES = ("majority", "zero_shot")
 
 
 class FineTuneRun:
@@ -57,8 +67,9 @@ class FineTuneRun:
             self.gpu_free = _least_free_gpu_memory()
             distributed.together(self.check_memory)
             distributed.main_first(self.load_data)
+            distributed.together(self.check_test_split)
             distributed.together(self.load_model)
-            self.baseline = self.evaluate_baseline()
+            self.baselines = self.evaluate_baselines()
             training = True
             self.train()
             self.finetuned = self.evaluate("fine-tuned")
@@ -159,14 +170,24 @@ class FineTuneRun:
 
     def load_data(self) -> None:
         from ftkit.prepare import load_splits
+        from ftkit.stats import representative_sample
 
         self.splits = load_splits(self.task, self.recipe)
         self.labels = self.splits.labels
         self.test = self.splits.test
         if self.recipe.eval.max_examples:
-            self.test = self.test[: self.recipe.eval.max_examples]
+            self.test = representative_sample(self.test, self.recipe.eval.max_examples, self.recipe.train.seed,
+                                              (lambda e: e.target) if self.labels else None)
         self.notes += self.splits.notes
         self.echo(f"Data: {len(self.splits.train)} train / {len(self.test)} test examples")
+
+    def check_test_split(self) -> None:
+        """Say so when the test split cannot speak for every label (missing, or under 5 examples)."""
+        from ftkit.stats import label_coverage
+
+        self.test_warnings = label_coverage([e.target for e in self.test], self.labels) if self.labels else []
+        for warning in self.test_warnings:
+            self.echo(f"Warning: {warning}")
 
     def load_model(self) -> None:
         from transformers import set_seed
@@ -189,19 +210,93 @@ class FineTuneRun:
         self.echo(f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
                   f"{self.trainable:,} trainable of {self.total:,} parameters")
 
-    def evaluate_baseline(self) -> dict[str, Any] | None:
-        """The base model's results, saved so a resumed run does not evaluate it again."""
-        if not self.recipe.eval.baseline:
-            return None
+    def evaluate_baselines(self) -> dict[str, Any]:
+        """The baselines' results, saved so a resumed run does not evaluate them again.
+
+        ``{"majority": result | None, "zero_shot": result | None, "random_head": result | None,
+        "notes": [...]}``, each result ``{"metrics", "predictions"}``.
+        """
         saved = self.work / "baseline.json"
         if self.resume:
             kept = distributed.from_main(
                 lambda: json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None)
-            if kept is not None:
-                self.echo("base model: evaluation kept from the interrupted run")
+            if kept is not None and "notes" in kept:
+                self.echo("baselines: evaluations kept from the interrupted run")
+                self.notes += kept["notes"]
                 return kept
-        result = self.evaluate("base model")
+        notes: list[str] = []
+        result: dict[str, Any] = {"majority": self.evaluate_majority(), "zero_shot": None, "random_head": None}
+        if not self.recipe.eval.baseline:
+            notes.append("eval.baseline = false: the base model was not evaluated (no zero-shot baseline)")
+        elif self.head == "classifier":
+            result["random_head"] = self.evaluate("base model, random classifier head (not a baseline)")
+            result["zero_shot"] = self.evaluate_zero_shot_lm(notes)
+        else:
+            # The LoRA adapters start as the identity: this is the base model answering zero-shot.
+            result["zero_shot"] = self.evaluate("zero-shot base model")
+        for note in notes:
+            self.echo(f"Notice: {note}")
+        self.notes += notes
+        result["notes"] = notes
         distributed.on_main(lambda: saved.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8"))
+        return result
+
+    def evaluate_majority(self) -> dict[str, Any] | None:
+        """Always the most frequent training label: what any real model must beat (classification only)."""
+        from ftkit.metrics import task_metrics
+        from ftkit.stats import majority_label
+
+        if not self.labels:
+            return None
+        label = majority_label([e.target for e in self.splits.train], self.labels)
+        predictions = [label] * len(self.test)
+        metrics = task_metrics(self.task, predictions, [e.references for e in self.test], self.labels)
+        headline = self.task.headline_metric
+        self.echo(f"majority baseline ({label}): {headline} = {metrics.get(headline, float('nan')):.4f}")
+        return {"metrics": metrics, "predictions": predictions, "label": label}
+
+    def evaluate_zero_shot_lm(self, notes: list[str]) -> dict[str, Any] | None:
+        """A classifier-head run's zero-shot baseline: the same base weights as a causal LM, scoring labels.
+
+        Skipped with a note when the model has no LM head, or cannot be loaded or run that way.
+        """
+        from dataclasses import replace
+
+        from ftkit.evaluator import evaluate
+        from ftkit.modeling import load_model
+
+        architectures = getattr(self.model.config, "architectures", None) or []
+        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            notes.append(f"zero-shot baseline skipped: {self.model_path} has no causal LM head "
+                         f"({', '.join(architectures)}); the majority baseline is the comparison")
+            return None
+        # The base weights without adapters (they would start as the identity anyway), unquantized.
+        recipe = replace(self.recipe, method=replace(self.recipe.method, name="full"))
+
+        def load() -> tuple[Any, str | None]:
+            try:
+                return load_model(self.model_path, recipe, "causal", self.labels, self.tokenizer).model, None
+            except Exception as error:  # noqa: BLE001 - a base that cannot load as an LM: no baseline, still a run
+                return None, f"{type(error).__name__}: {error}"
+
+        causal, error = distributed.together(load)
+        # Every rank skips if any could not load: the evaluation below is collective.
+        error = next((e for e in distributed.all_gather(error) if e), None)
+        result = None
+        if error is None:
+            try:
+                result = evaluate(causal, self.tokenizer, self.task, self.test, "causal", self.labels, self.recipe,
+                                  "zero-shot base model (LM head)")
+            except Exception as failure:  # noqa: BLE001 - e.g. out of memory; every rank raises it together
+                error = f"{type(failure).__name__}: {failure}"
+        del causal
+        _free_gpu_cache()
+        if result is None:
+            notes.append(f"zero-shot baseline skipped: the base model could not score the labels as a causal LM "
+                         f"({error})")
+            return None
+        headline = self.task.headline_metric
+        self.echo(f"zero-shot base model: {headline} = {result['metrics'].get(headline, float('nan')):.4f}")
         return result
 
     def evaluate(self, name: str) -> dict[str, Any]:
@@ -244,7 +339,8 @@ class FineTuneRun:
         labels = {"head": self.head, "labels": self.labels,
                   "id2label": dict(enumerate(self.labels)) if self.labels else None}
         write_json(self.work / "labels.json", labels)
-        self._save_test_split()
+        judged = self.judge()
+        self._save_test_split(judged["verdict"])
         summary = {
             "task": self.task.name, "model": self.recipe.model.id, "model_path": str(self.model_path),
             "method": self.loaded.method, "head": self.head, "device": self.loaded.device,
@@ -253,13 +349,18 @@ class FineTuneRun:
             "trainable_params": self.trainable, "total_params": self.total, "steps": self.steps,
             "train_seconds": self.train_seconds, "notes": self.notes,
             "recipe_path": str(self.recipe.path) if self.recipe.path else "recipe.toml",
-            "baseline": self.baseline, "finetuned": self.finetuned,
+            "baselines": {name: self.baselines[name] for name in BASELINES}, "labels": self.labels,
+            "random_head": self.baselines["random_head"], "finetuned": self.finetuned,
+            "ci95": judged["ci95"], "verdict": judged["verdict"], "test_warnings": self.test_warnings,
         }
+        metrics_of = lambda result: result["metrics"] if result else None  # noqa: E731
         write_json(self.work / "metrics.json", {
             k: summary[k] for k in ("task", "model", "method", "head", "headline_metric", "train_examples",
                                     "test_examples", "steps", "seed")
-        } | {"baseline": self.baseline["metrics"] if self.baseline else None,
-             "finetuned": self.finetuned["metrics"]})
+        } | {"baselines": {name: metrics_of(self.baselines[name]) for name in BASELINES},
+             "random_head": metrics_of(self.baselines["random_head"]),
+             "finetuned": self.finetuned["metrics"], "ci95": judged["ci95"], "verdict": judged["verdict"],
+             "test_warnings": self.test_warnings})
         write_report(self.work, summary, self.log_history)
         hashes = {name: file_sha256(path) for name, path in
                   (("train_file", self.recipe.task.train_file), ("test_file", self.recipe.task.test_file)) if path}
@@ -268,8 +369,26 @@ class FineTuneRun:
         shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
         (self.work / "baseline.json").unlink(missing_ok=True)
 
-    def _save_test_split(self) -> None:
-        """The exact test examples (to re-evaluate the adapter later) and both models' predictions."""
+    def judge(self) -> dict[str, Any]:
+        """Every model's 95% interval and the fine-tuned model's verdict against the best baseline."""
+        from ftkit.metrics import task_metrics
+        from ftkit.stats import compare
+
+        predictions = {name: result["predictions"] if result else None
+                       for name, result in self.baselines.items() if name != "notes"}
+        predictions["finetuned"] = self.finetuned["predictions"]
+        scores = {name: result["metrics"][self.task.headline_metric]
+                  for name, result in [*self.baselines.items(), ("finetuned", self.finetuned)]
+                  if name != "notes" and result and self.task.headline_metric in result["metrics"]}
+        return compare(self.task.headline_metric, predictions, [e.references for e in self.test],
+                       baselines=BASELINES, labels=self.labels, scores=scores, seed=self.recipe.train.seed,
+                       metrics_fn=lambda p, r: task_metrics(self.task, p, r, self.labels))
+
+    def _save_test_split(self, verdict: dict[str, Any] | None) -> None:
+        """The exact test examples (to re-evaluate the adapter later) and every model's predictions.
+
+        ``baseline_prediction`` is the prediction of the baseline the verdict compares with.
+        """
         import jsonlines
 
         (self.work / "data").mkdir(exist_ok=True)
@@ -277,12 +396,16 @@ class FineTuneRun:
                      "instruction": e.instruction, "system": e.system}
                     | ({"pair": e.pair} if e.pair else {}) | ({"messages": list(e.messages)} if e.messages else {})
                     for e in self.test]
-        baseline = self.baseline["predictions"] if self.baseline else [None] * len(self.test)
         with jsonlines.open(self.work / "data" / "test.jsonl", "w") as writer:
             writer.write_all(examples)
+        against = self.baselines[verdict["against"]] if verdict else None
+        columns = {"baseline_prediction": against["predictions"] if against else [None] * len(self.test)}
+        for name in ("zero_shot", "random_head"):
+            if self.baselines.get(name):
+                columns[f"{name}_prediction"] = self.baselines[name]["predictions"]
         with jsonlines.open(self.work / "predictions.jsonl", "w") as writer:
-            writer.write_all({"target": e.target, "prediction": p, "baseline_prediction": b}
-                             for e, p, b in zip(self.test, self.finetuned["predictions"], baseline))
+            writer.write_all({"target": e.target, "prediction": p} | {k: v[i] for k, v in columns.items()}
+                             for i, (e, p) in enumerate(zip(self.test, self.finetuned["predictions"])))
 
     def finish(self) -> Path:
         """Move the complete run folder into place (replacing the old one only now, if asked)."""
@@ -301,6 +424,17 @@ class FineTuneRun:
 
 def _silent(_: str) -> None:
     """The echo of ranks other than 0."""
+
+
+def _free_gpu_cache() -> None:
+    """Hand a dropped model's GPU memory back before training needs it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _least_free_gpu_memory() -> int | None:

@@ -88,7 +88,7 @@ def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
         notes.append(f"test split: {len(test)} examples ({section.test_size:.0%}, "
                      f"{'stratified, ' if classify else ''}grouped{grouped or ' by source record'}, seed {seed})")
     # Leakage: a test text seen in training inflates the fine-tuned score; drop it from train.
-    seen = pc.is_in(train.table.column("_key"), value_set=pc.unique(test.table.column("_key")))
+    seen = pc.is_in(train.keys(), value_set=pc.unique(test.keys()))
     leaked = int(pc.sum(seen).as_py() or 0)
     if leaked:
         train.table = train.table.filter(pc.invert(seen))

@@ -29,9 +29,11 @@ def _f(default: Any = MISSING, help: str = "", *, choices: tuple = (), low: floa
 
 @dataclass
 class ModelSection:
-    id: str = _f(help="model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, or `ftkit/tiny-qwen2`")
-    source: str = _f("modelscope", "where `id` is fetched from",
-                     choices=("modelscope", "huggingface", "local", "builtin"))
+    id: str = _f(help="model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, a `.gguf` file "
+                 "(relative to the recipe), or a builtin: `ftkit/tiny-qwen2`, `ftkit/smollm2-135m-instruct`")
+    source: str = _f("modelscope", "where `id` is fetched from; gguf: a GGUF file, dequantized once into ftkit's "
+                     "cache (fine-tuning starts from the dequantized weights)",
+                     choices=("modelscope", "huggingface", "local", "builtin", "gguf"))
     revision: str = _f("", "hub revision (branch, tag or commit); empty: the default branch")
     dtype: str = _f("auto", "weight dtype; auto: float32 on CPU, bfloat16 (else float16) on CUDA",
                     choices=("auto", "float32", "bfloat16", "float16"))
@@ -102,6 +104,11 @@ class EvalSection:
     top_p: float = _f(0.9, "generation: nucleus sampling mass", low=0.0, high=1.0, low_open=True)
     top_k: int = _f(50, "generation: sample among the top k tokens", low=0)
     repetition_penalty: float = _f(1.0, "generation: > 1 discourages repeats", low=0.0, low_open=True)
+    label_score: str = _f("sum", "causal head, classification: a label's score is the sum of its answer tokens' "
+                          "log-probs, or their mean (length-normalised: long labels are not penalised)",
+                          choices=("sum", "mean"))
+    calibrate: bool = _f(False, "causal head, classification: subtract each label's log-prob after the content-free "
+                         "input `N/A` (contextual calibration, Zhao et al. 2021), removing the model's bias for labels")
 
 
 @dataclass
@@ -211,6 +218,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", base_dir: P
                 if specs[key].metadata["path"] and checked and base_dir is not None:
                     checked = str((base_dir / checked).resolve())
                 values[key] = checked
+        if name == "model" and base_dir is not None and _names_gguf_file(values):
+            # Resolved now, like every other path: a run's saved recipe must not depend on where it is read.
+            values["id"] = str((base_dir / Path(values["id"]).expanduser()).resolve())
         for key, spec in specs.items():
             required = spec.default is MISSING and spec.default_factory is MISSING
             if required and key not in values:
@@ -251,14 +261,39 @@ def _cross_checks(sections: dict[str, Any], found: list[str]) -> list[str]:
             errors.append(f"train.head: classifier needs a classification task; {task_name} is {task.kind}")
         if not sections["task"].train_file and not task.hub_dataset:
             errors.append(f"task.train_file: missing; {task_name} has no hub dataset, so name a data file")
-    if sections["model"].source == "builtin" and sections["model"].id != "ftkit/tiny-qwen2":
-        errors.append("model.id: the only builtin model is `ftkit/tiny-qwen2`")
+    errors += _model_errors(sections["model"], found)
     deepspeed = sections["train"].deepspeed
     if deepspeed and not any(e.startswith("train.deepspeed:") for e in found):
         errors += _deepspeed_errors(Path(deepspeed))
     if sections["method"].name == "full" and sections["method"].target_modules:
         errors.append("method.target_modules: only for lora and qlora; full fine-tuning trains every weight")
     return errors
+
+
+#: Models ``model.source = "builtin"`` provides (see ftkit/tiny.py and ftkit/gguf.py).
+BUILTIN_MODELS = ("ftkit/tiny-qwen2", "ftkit/smollm2-135m-instruct")
+
+
+def _names_gguf_file(model: dict[str, Any]) -> bool:
+    source, model_id = model.get("source", "modelscope"), model.get("id", "")
+    return bool(model_id) and (source == "gguf" or (source == "local" and model_id.lower().endswith(".gguf")))
+
+
+def _model_errors(model: ModelSection, found: list[str]) -> list[str]:
+    """A builtin id must exist; a GGUF file must be there and be one (its header is read, nothing loaded)."""
+    if any(e.startswith(("model.id:", "model.source:")) for e in found) or not model.id:
+        return []
+    if model.source == "builtin" and model.id not in BUILTIN_MODELS:
+        return [f"model.id: {model.id!r} is not a builtin model{_suggest(model.id, list(BUILTIN_MODELS))}"]
+    if _names_gguf_file({"source": model.source, "id": model.id}):
+        from ftkit.errors import ModelError
+        from ftkit.gguf import read_gguf_info
+
+        try:
+            read_gguf_info(Path(model.id))
+        except ModelError as error:
+            return [error.message]
+    return []
 
 
 def _deepspeed_errors(path: Path) -> list[str]:

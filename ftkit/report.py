@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 SCALARS_FIRST = ("accuracy", "macro_f1", "exact_match", "f1", "bleu", "rougeL", "perplexity")
-LOWER_IS_BETTER = {"perplexity"}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -35,6 +34,14 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in keys}
 
 
+MODEL_NAMES = {
+    "majority": "majority baseline",
+    "zero_shot": "zero-shot base model",
+    "random_head": "base model, random classifier head (not a baseline)",
+    "finetuned": "fine-tuned",
+}
+
+
 def comparison_rows(baseline: dict | None, finetuned: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     for key, value in scalar_metrics(finetuned).items():
@@ -42,6 +49,14 @@ def comparison_rows(baseline: dict | None, finetuned: dict) -> list[tuple[str, s
         delta = "" if base is None else f"{value - base:+.4f}"
         rows.append((key, "-" if base is None else f"{base:.4f}", f"{value:.4f}", delta))
     return rows
+
+
+def most_confused(confusion: dict, limit: int = 10) -> list[tuple[str, str, int, float]]:
+    """The largest off-diagonal cells: (true, predicted, count, share of the true label's examples)."""
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    cells = [(labels[i], labels[j], count, count / max(sum(row), 1))
+             for i, row in enumerate(matrix) for j, count in enumerate(row) if i != j and count]
+    return sorted(cells, key=lambda cell: (-cell[2], -cell[3], cell[0], cell[1]))[:limit]
 
 
 def plot_loss(log_history: list[dict], path: Path) -> bool:
@@ -66,76 +81,153 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
     return True
 
 
+#: Up to this many labels the confusion matrix names them on its axes; beyond, report.md lists the pairs.
+TICK_LABELS_UP_TO = 30
+#: Up to this many labels each cell also prints its share.
+CELL_TEXT_UP_TO = 12
+FIGURE_INCHES = (4.0, 11.0)  # the matrix's side, smallest and largest (100 dpi: at most 1100 px)
+
+
 def plot_confusion(confusion: dict, path: Path, title: str) -> None:
+    """The confusion matrix normalized by true label (each row sums to 1), legible up to 100 labels.
+
+    The figure's size is capped; beyond 30 labels the axes carry no names (report.md lists the most
+    confused pairs instead), beyond 12 the cells carry no numbers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib import font_manager
 
-    labels, matrix = confusion["labels"], confusion["matrix"]
-    # Label names may be Chinese: use a CJK font when one is installed (else the glyphs are boxes).
-    cjk = [f.name for f in font_manager.fontManager.ttflist if any(k in f.name for k in ("CJK", "Hei", "Noto Sans SC"))]
-    index = list(range(len(labels)))
-    tick_labels = labels if cjk or all(label.isascii() for label in labels) else [str(i) for i in index]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.6 * len(labels)), dpi=100)
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(index, tick_labels, rotation=45, ha="right", fontfamily=cjk[:1] or None)
-    ax.set_yticks(index, tick_labels, fontfamily=cjk[:1] or None)
-    for i in index:
-        for j in index:
-            ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=8)
+    labels = confusion["labels"]
+    counts = np.asarray(confusion["matrix"], dtype=float).reshape(len(labels), len(labels))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(labels)
+    side = min(max(FIGURE_INCHES[0], 1.5 + 0.35 * k), FIGURE_INCHES[1])
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=100)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's examples")
+    index = list(range(k))
+    tick_labels = None
+    if k <= TICK_LABELS_UP_TO:
+        # Label names may be Chinese: use a CJK font when one is installed (else the glyphs are boxes).
+        cjk = [f.name for f in font_manager.fontManager.ttflist
+               if any(key in f.name for key in ("CJK", "Hei", "Noto Sans SC"))]
+        tick_labels = labels if cjk or all(label.isascii() for label in labels) else [str(i) for i in index]
+        size = 9 if k <= 15 else 6
+        ax.set_xticks(index, tick_labels, rotation=45 if k <= 15 else 90, ha="right" if k <= 15 else "center",
+                      fontsize=size, fontfamily=cjk[:1] or None)
+        ax.set_yticks(index, tick_labels, fontsize=size, fontfamily=cjk[:1] or None)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if k <= CELL_TEXT_UP_TO:
+        for i in index:
+            for j in index:
+                if counts[i, j]:
+                    ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if shares[i, j] > 0.6 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(f"{title} ({k} labels, rows normalized)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    if tick_labels is not labels:
+    if tick_labels is not None and tick_labels is not labels:
         path.with_suffix(".labels.txt").write_text(
             "\n".join(f"{i}: {label}" for i, label in zip(index, labels)) + "\n", encoding="utf-8"
         )
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "-"
+
+
 def write_report(folder: Path, summary: dict[str, Any], log_history: list[dict]) -> None:
-    """report.md with the comparison table, and the plots it links to."""
-    baseline = summary["baseline"]["metrics"] if summary.get("baseline") else None
-    finetuned = summary["finetuned"]["metrics"]
+    """report.md: every model with its interval, the verdict, the plots, and the per-class changes."""
+    from ftkit.stats import verdict_sentence
+
     headline = summary["headline_metric"]
+    finetuned = summary["finetuned"]["metrics"]
+    baselines = summary["baselines"]
+    verdict = summary.get("verdict")
+    ci95 = summary.get("ci95", {})
+    notes = summary.get("notes", [])
     lines = [
         f"# {summary['task']} — {summary['model']} ({summary['method']})",
         "",
-        f"Test split: {summary['test_examples']} examples, disjoint from the {summary['train_examples']} "
-        "training examples. Same split for both models.",
+        (f"Test split: {summary['test_examples']} examples, disjoint from the {summary['train_examples']} "
+         "training examples. Every model is evaluated on the same examples."),
         "",
-        "| metric | base model | fine-tuned | change |",
-        "|---|---|---|---|",
     ]
-    for key, base, tuned, delta in comparison_rows(baseline, finetuned):
-        marker = " **(headline)**" if key == headline else ""
-        lines.append(f"| {key}{marker} | {base} | {tuned} | {delta} |")
-    if baseline is not None and headline in finetuned and headline in baseline:
-        better = finetuned[headline] < baseline[headline] if headline in LOWER_IS_BETTER \
-            else finetuned[headline] > baseline[headline]
-        verdict = "better than" if better else "NOT better than"
-        lines += ["", f"The fine-tuned model is **{verdict}** the base model on `{headline}`."]
+    lines += [f"> **Warning:** {warning}" for warning in summary.get("test_warnings", [])]
+    if summary.get("test_warnings"):
+        lines.append("")
+    lines += [f"| model | {headline} | 95% interval |", "|---|---|---|"]
+    rows = [(name, baselines.get(name)) for name in ("majority", "zero_shot")]
+    rows += [("random_head", summary.get("random_head")), ("finetuned", summary["finetuned"])]
+    for name, result in rows:
+        if result is None:
+            if name == "zero_shot":
+                lines.append(f"| {MODEL_NAMES[name]} | skipped (see notes) | - |")
+            continue
+        label = MODEL_NAMES[name] + (f" (always `{result['label']}`)" if result.get("label") else "")
+        value = result["metrics"].get(headline)
+        shown = "-" if value is None else f"{value:.4f}"
+        if name == "finetuned":
+            label, shown = f"**{label}**", f"**{shown}**"
+        lines.append(f"| {label} | {shown} | {_interval(ci95.get(name))} |")
+    lines += ["", verdict_sentence(verdict, MODEL_NAMES)]
+    if summary.get("random_head") is not None:
+        lines += ["", ("The random-head row is the base model before training with its newly initialized "
+                       "classifier head: near chance by construction, shown for reference, never the comparison.")]
+    against = baselines.get(verdict["against"]) if verdict else None
+    if against is not None:
+        lines += ["", f"### All metrics: fine-tuned against the {MODEL_NAMES[verdict['against']]}", "",
+                  "| metric | baseline | fine-tuned | change |", "|---|---|---|---|"]
+        for key, base, tuned, delta in comparison_rows(against["metrics"], finetuned):
+            marker = " **(headline)**" if key == headline else ""
+            lines.append(f"| {key}{marker} | {base} | {tuned} | {delta} |")
     lines += ["", "## Training", ""]
-    lines += [f"- {note}" for note in summary.get("notes", [])]
+    lines += [f"- {note}" for note in notes]
     lines += [f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
               f"- optimizer steps: {summary['steps']}, time: {summary['train_seconds']:.1f} s on {summary['device']}"]
     if plot_loss(log_history, folder / "loss.png"):
         lines += ["", "![training loss](loss.png)"]
     if "confusion_matrix" in finetuned:
-        plot_confusion(finetuned["confusion_matrix"], folder / "confusion_matrix.png", "fine-tuned")
-        lines += ["", "## Confusion matrix (fine-tuned)", "", "![confusion matrix](confusion_matrix.png)"]
-        per_class = finetuned.get("per_class", {})
-        if per_class:
-            lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-            for label, row in per_class.items():
-                lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
-                             f"| {row['support']} |")
+        lines += _confusion_section(folder, finetuned, against, verdict)
     lines += ["", f"Reproduce: `ftkit run {summary['recipe_path']}` (resolved recipe: `recipe.toml`).", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _confusion_section(folder: Path, finetuned: dict, against: dict | None, verdict: dict | None) -> list[str]:
+    """The normalized matrix, the most confused pairs, and each class's F1 against the best baseline."""
+    confusion = finetuned["confusion_matrix"]
+    plot_confusion(confusion, folder / "confusion_matrix.png", "fine-tuned")
+    lines = ["", "## Confusion matrix (fine-tuned)", "", "![confusion matrix](confusion_matrix.png)"]
+    pairs = most_confused(confusion)
+    if pairs:
+        lines += ["", "Most confused pairs:", "", "| true | predicted | examples | share of true |", "|---|---|---|---|"]
+        lines += [f"| {t} | {p} | {n} | {share:.0%} |" for t, p, n, share in pairs]
+    per_class = finetuned.get("per_class", {})
+    if not per_class:
+        return lines
+    base = (against or {}).get("metrics", {}).get("per_class", {})
+    name = MODEL_NAMES[verdict["against"]] if base and verdict else None
+    lines += ["", "## Per class" + (f" (change in F1 from the {name})" if name else ""), ""]
+    if name:
+        lines += ["| label | precision | recall | F1 | baseline F1 | change | support |", "|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for label, row in per_class.items():
+        cells = f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
+        if name:
+            before = base.get(label, {}).get("f1")
+            cells += ("| - | - " if before is None else f"| {before:.3f} | {row['f1'] - before:+.3f} ")
+        lines.append(cells + f"| {row['support']} |")
+    return lines
 
 
 def manifest(summary: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, Any]:

@@ -37,7 +37,11 @@ Formatter = Callable[[Mapping[str, Any]], "Example"]
 """``format(row) -> Example``."""
 
 Metrics = Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]
-"""``metrics(predictions, references) -> {name: value}``; each reference is a tuple of gold answers."""
+"""``metrics(predictions, references) -> {name: value}``; each reference is a tuple of gold answers.
+
+A classification task's metrics may also take a keyword ``labels``: ftkit then passes the run's
+whole label set (a recipe may override the task's), so macro-F1 counts labels the test split lacks.
+"""
 
 Parser = Callable[..., Iterable[Mapping[str, Any]]]
 """``parse(record, where, **options) -> Iterable[row]``: one raw record to canonical rows, or DataError."""

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def build_tiny_model(dest: Path) -> Path:
 
 def tiny_model_path() -> Path:
     """The cached tiny model folder, built on first use (under ``$FTKIT_CACHE`` or ``~/.cache/ftkit``)."""
-    final = tiny_cache_root() / f"tiny-qwen2-{TINY_MODEL_VERSION}"
-    if (final / MANIFEST_NAME).is_file():
+    return build_cached(tiny_cache_root() / f"tiny-qwen2-{TINY_MODEL_VERSION}", build_tiny_model, MANIFEST_NAME)
+
+
+def build_cached(final: Path, build: Callable[[Path], object], manifest_name: str) -> Path:
+    """``final``, built by ``build(folder)`` unless a complete build (one with ``manifest_name``) is there.
+
+    ``build`` must write ``manifest_name`` last into the empty folder it is given.
+    """
+    if (final / manifest_name).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder (same filesystem) and rename into place: the rename is atomic,
@@ -80,17 +88,17 @@ def tiny_model_path() -> Path:
     # discards its identical copy.
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny_model(staging)
+        build(staging)
         # mkdtemp makes the folder owner-only; a shared $FTKIT_CACHE should be readable by all.
         for path in (staging, *staging.iterdir()):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if final.exists() and not (final / MANIFEST_NAME).is_file():
+        if final.exists() and not (final / manifest_name).is_file():
             # Not a build of ours (no manifest): move it aside rather than load it.
             shutil.rmtree(final.rename(final.with_name(f"{staging.name}-stale")), ignore_errors=True)
         try:
             os.replace(staging, final)
         except OSError:
-            if not (final / MANIFEST_NAME).is_file():
+            if not (final / manifest_name).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -282,7 +282,8 @@ def predict(model, tokenizer, run: RunFolder, rows: list[InputRow], batch_size: 
     """One result per row: the label and every label's probability, or the generated text.
 
     Probabilities: a softmax over the classifier head's logits, or (causal head) over each label's
-    log-likelihood as the answer, i.e. label-restricted decoding normalized over the labels.
+    score as the answer (its log-likelihood, or as the recipe's ``eval.label_score`` and
+    ``eval.calibrate`` say), i.e. label-restricted decoding normalized over the labels.
     """
     from ftkit.evaluator import classifier_scores, generate, label_scores
 
@@ -293,7 +294,8 @@ def predict(model, tokenizer, run: RunFolder, rows: list[InputRow], batch_size: 
         if run.head == "classifier":
             scores = classifier_scores(model, tokenizer, examples, batch, max_len, desc)
         else:
-            scores = label_scores(model, tokenizer, examples, run.labels, batch, max_len, desc)
+            scores = label_scores(model, tokenizer, examples, run.labels, batch, max_len, desc,
+                                  score=run.recipe.eval.label_score, calibrate=run.recipe.eval.calibrate)
         for result, best, probs in zip(results, scores.argmax(-1).tolist(), scores.softmax(-1).tolist()):
             result["prediction"] = run.labels[best]
             result["probabilities"] = dict(zip(run.labels, probs))

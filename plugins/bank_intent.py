@@ -31,10 +31,12 @@ def format_example(row: dict[str, Any]) -> ftkit.Example:
     return ftkit.Example(input=row["text"], target=row["label"], instruction="Classify the customer's intent.")
 
 
-def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]],
+            labels: Sequence[str] | None = None) -> dict:
+    """Scored over the run's whole label set (the training data's labels, or the recipe's)."""
     from ftkit.metrics import classification_metrics
 
-    return classification_metrics(predictions, references)
+    return classification_metrics(predictions, references, labels)
 
 
 TASK = ftkit.Task(

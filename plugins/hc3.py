@@ -50,10 +50,12 @@ def format_example(row: dict[str, Any]) -> ftkit.Example:
     return ftkit.Example(input=text, target=row["label"], instruction=INSTRUCTION)
 
 
-def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+def metrics(predictions: Sequence[str], references: Sequence[Sequence[str]],
+            labels: Sequence[str] | None = None) -> dict:
+    """Scored over the run's whole label set (the recipe may override the default one)."""
     from ftkit.metrics import classification_metrics
 
-    return classification_metrics(predictions, references, LABELS)
+    return classification_metrics(predictions, references, labels or LABELS)
 
 
 TASK = ftkit.Task(

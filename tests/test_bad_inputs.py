@@ -139,8 +139,8 @@ CASES = [
     ("missing-model-section", {"r.toml": recipe(model=None)}, [], "{d}/r.toml: model: missing section [model]"),
     ("missing-output-section", {"r.toml": recipe(output=None)}, [], "{d}/r.toml: output: missing section [output]"),
     ("missing-model-id", {"r.toml": recipe(model='source = "builtin"')}, [],
-     ("{d}/r.toml: model.id: missing; model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, "
-      "or `ftkit/tiny-qwen2`")),
+     "{d}/r.toml: model.id: missing; model id on the hub (`Qwen/Qwen2.5-1.5B-Instruct`), a local folder, a "
+     "`.gguf` file (relative to the recipe), or a builtin: `ftkit/tiny-qwen2`, `ftkit/smollm2-135m-instruct`"),
     ("seq-zero", {"r.toml": recipe(train="max_seq_len = 0")}, [], "{d}/r.toml: train.max_seq_len: must be at least 8, got 0"),
     ("batch-negative", {"r.toml": recipe(train="batch_size = -1")}, [], "{d}/r.toml: train.batch_size: must be at least 1, got -1"),
     ("epochs-zero", {"r.toml": recipe(train="epochs = 0")}, [], "{d}/r.toml: train.epochs: must be greater than 0, got 0.0"),
@@ -176,7 +176,7 @@ CASES = [
     ("set-bad-value", {"data.jsonl": GOOD_EMOTION}, ["--set", "train.batch_size=0"],
      "{d}/r.toml: train.batch_size: must be at least 1, got 0"),
     ("builtin-other-id", {"r.toml": recipe(model='id = "tiny"\nsource = "builtin"')}, [],
-     "{d}/r.toml: model.id: the only builtin model is `ftkit/tiny-qwen2`"),
+     "{d}/r.toml: model.id: 'tiny' is not a builtin model; known: ftkit/tiny-qwen2, ftkit/smollm2-135m-instruct"),
     ("missing-model-path", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(model='id = "no/such/model"\nsource = "local"')}, [],
      "model.id: {d}/no/such/model is not a model folder (no config.json); check the path"),
     ("output-dir-exists", {"data.jsonl": GOOD_EMOTION, "out/keep.txt": "a previous run"}, [],

@@ -64,7 +64,8 @@ def test_two_processes_write_one_run_folder_once(runs):
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "report.md").is_file()
     # Rank 0 alone prints: every line of the summary once.
     for start in ("Task emotion", "2 processes: effective batch 8 (batch_size) x 1 (grad_accum) x 2 = 16", "Data: ",
-                  "Model: ", "base model: accuracy = ", "Trained 40 steps", "fine-tuned: accuracy = ", "Run folder: "):
+                  "Model: ", "majority baseline (", "zero-shot base model: accuracy = ",
+                  "base model, random classifier head (not a baseline): accuracy = ", "Trained 40 steps", "fine-tuned: accuracy = ", "Run folder: "):
         assert sum(line.startswith(start) for line in done.stdout.splitlines()) == 1, (start, done.stdout)
     assert "Error" not in done.stderr and "Traceback" not in done.stderr and "Warning" not in done.stderr
     report = (run / "report.md").read_text(encoding="utf-8")
@@ -83,9 +84,11 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(runs):
     assert metrics_two["test_examples"] == metrics_one["test_examples"] == 120  # gathered from both ranks
     assert metrics_two["steps"] == metrics_one["steps"] == 40
     assert abs(metrics_two["finetuned"]["accuracy"] - metrics_one["finetuned"]["accuracy"]) <= 0.1
-    assert abs(metrics_two["baseline"]["accuracy"] - metrics_one["baseline"]["accuracy"]) <= 0.1
+    assert abs(metrics_two["random_head"]["accuracy"] - metrics_one["random_head"]["accuracy"]) <= 0.1
+    assert abs(metrics_two["baselines"]["zero_shot"]["accuracy"] - metrics_one["baselines"]["zero_shot"]["accuracy"]) \
+        <= 0.05
     assert final_loss(two.stdout) == pytest.approx(final_loss(one.stdout), rel=0.03)
-    assert metrics_two["finetuned"]["accuracy"] > metrics_two["baseline"]["accuracy"]
+    assert metrics_two["finetuned"]["accuracy"] > metrics_two["random_head"]["accuracy"]
 
     # The gathered predictions are back in test-split order: the base model (the same on both
     # sides) predicts the same label for (nearly) every example.
@@ -93,7 +96,7 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(runs):
         return [json.loads(line) for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
 
     assert (two_run / "data" / "test.jsonl").read_bytes() == (one_run / "data" / "test.jsonl").read_bytes()
-    same = sum(a["baseline_prediction"] == b["baseline_prediction"] for a, b in zip(rows(two_run), rows(one_run)))
+    same = sum(a["random_head_prediction"] == b["random_head_prediction"] for a, b in zip(rows(two_run), rows(one_run)))
     assert same >= 0.95 * 120
 
 

@@ -35,7 +35,8 @@ def assert_same_results(a: Path, b: Path) -> None:
 
     metrics_a = json.loads((a / "metrics.json").read_text(encoding="utf-8"))
     metrics_b = json.loads((b / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics_a["baseline"] == metrics_b["baseline"]
+    for key in ("baselines", "random_head", "ci95", "verdict"):
+        assert metrics_a[key] == metrics_b[key], key
     assert metrics_a["finetuned"] == metrics_b["finetuned"]
     tensors_a, tensors_b = adapter_tensors(a), adapter_tensors(b)
     assert tensors_a.keys() == tensors_b.keys()
@@ -86,7 +87,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(reference
 
     resumed = run_ftkit("run", QUICKSTART, *SHORT, *out_arg(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "base model: evaluation kept from the interrupted run" in resumed.stdout
+    assert "baselines: evaluations kept from the interrupted run" in resumed.stdout
     assert "Resuming from " in resumed.stdout and "/checkpoints/checkpoint-" in resumed.stdout
     assert not out.with_name("killed.partial").exists()
     assert not (out / "checkpoints").exists() and not (out / "baseline.json").exists()

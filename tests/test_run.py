@@ -81,11 +81,14 @@ def test_quickstart_beats_the_base_model_and_leaves_a_complete_run_folder(quicks
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["test_examples"] == 120 and metrics["train_examples"] == 480
-    assert metrics["baseline"]["accuracy"] < 0.35  # six classes: the untrained head is near chance
-    assert metrics["finetuned"]["accuracy"] >= metrics["baseline"]["accuracy"] + 0.3
+    assert metrics["random_head"]["accuracy"] < 0.35  # six classes: the untrained head is near chance
+    best = max(metrics["baselines"][name]["accuracy"] for name in ("majority", "zero_shot"))
+    assert metrics["finetuned"]["accuracy"] >= best + 0.3
+    assert metrics["verdict"]["result"] == "better" and metrics["verdict"]["p_value"] < 0.05
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| accuracy **(headline)** |" in report
-    assert "The fine-tuned model is **better than** the base model on `accuracy`." in report
+    against = {"majority": "majority baseline", "zero_shot": "zero-shot base model"}[metrics["verdict"]["against"]]
+    assert f"The fine-tuned model is **better than** the {against} on `accuracy`" in report
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["seed"] == 42 and manifest["versions"]["transformers"]
     assert set(manifest["data_sha256"]) == {"train_file", "test_split"}
@@ -172,7 +175,8 @@ def test_generation_tasks_train_with_masked_prompts_and_report_their_metrics(tmp
                      "--set", f"task.train_file={toml_str(data)}", "--set", f"output.dir={toml_str(out)}")
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert expected <= set(metrics["finetuned"]) and expected <= set(metrics["baseline"])
+    assert expected <= set(metrics["finetuned"]) and expected <= set(metrics["baselines"]["zero_shot"])
+    assert metrics["baselines"]["majority"] is None and metrics["verdict"]["against"] == "zero_shot"
     assert metrics["finetuned"]["perplexity"] > 1.0
 
 
@@ -201,7 +205,8 @@ def test_hc3_runs_end_to_end_from_its_public_layout(tmp_path):
     assert metrics["headline_metric"] == "accuracy" and metrics["steps"] == 4
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
     assert labels["head"] == "classifier" and labels["labels"] == ["human", "chatgpt"]
-    assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and "accuracy" in metrics["baseline"]
+    assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and "accuracy" in metrics["random_head"]
+    assert metrics["verdict"]["against"] in ("majority", "zero_shot")
 
 
 def test_run_folder_files_get_the_usual_permissions(quickstart_run):

@@ -43,7 +43,8 @@ def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_ru
     """Fine-tune as RECIPE says; evaluate base and fine-tuned models on the same test split.
 
     Leaves in output.dir: the adapter (safetensors) and tokenizer, labels.json, recipe.toml,
-    metrics.json (baseline and fine-tuned), report.md with plots, TensorBoard logs, manifest.json.
+    metrics.json (baselines, fine-tuned, 95% intervals, verdict), report.md with plots, TensorBoard logs,
+    manifest.json.
 
     Under torchrun or `accelerate launch` every process runs this command; rank 0 alone prints and
     writes the run folder.

@@ -1,0 +1,154 @@
+"""Label scoring: the KV-cache fast path vs the brute force, at 5 and 77 labels.
+
+    $ python bench/label_scoring.py [--examples 200] [--examples-77 50] [--repeats 3] [--model PATH]
+
+Both score the same examples with the same model (the built-in tiny Qwen2 unless ``--model``
+names a local Hugging Face folder of a causal LM), batch size 16, ``max_seq_len`` 512:
+
+- brute force: ``ftkit.evaluator.label_scores_brute_force``, one full prompt + answer forward per
+  (example, label), vocabulary logits at every position (how ftkit scored labels before);
+- fast: ``ftkit.evaluator.label_scores``, one forward per prompt and its KV cache reused for every
+  label's answer tokens, vocabulary logits only where scored.
+
+Labels: the bank-intent task's 5, and BANKING77's 77 intent names; examples: the bank-intent test
+fixture's customer messages (cycled), prompted two ways: as the bank-intent task prompts them
+(``task``: a one-line instruction, ~45 tokens in all), and as a zero-shot prompt must for the model
+to know the label set (``listed``: the instruction lists the labels, as the emotion task's does; cut
+to fit ``max_seq_len`` at 77 labels). The fast path saves the prompt's repeats, so its gain grows
+with prompt length over answer length: the labels' own tokens must run once per label either way.
+
+Each round times both methods, interleaved; the table shows the fastest of ``--repeats`` rounds,
+wall time and the process's CPU time (steadier when other processes compete for the CPUs). The 2
+threads are meant for an idle machine, so other processes' CPU use is measured and a warning
+printed when there was any. Goals (reported, not asserted): fast >= 5x the brute force at 5 labels,
+>= 20x at 77, with identical predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from train_throughput import OtherLoad, quiet  # noqa: E402 - a sibling script, after the offline switches
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = ROOT / "tests" / "fixtures" / "bank_intent.jsonl"
+BATCH_SIZE, MAX_SEQ_LEN = 16, 512
+GOALS = {5: 5.0, 77: 20.0}
+PROMPTS = ("task", "listed")
+BANK_INTENT_LABELS = ["fraud_risk", "refund", "balance", "card_lost", "other"]
+BANKING77_LABELS = [
+    "activate_my_card", "age_limit", "apple_pay_or_google_pay", "atm_support", "automatic_top_up",
+    "balance_not_updated_after_bank_transfer", "balance_not_updated_after_cheque_or_cash_deposit",
+    "beneficiary_not_allowed", "cancel_transfer", "card_about_to_expire", "card_acceptance", "card_arrival",
+    "card_delivery_estimate", "card_linking", "card_not_working", "card_payment_fee_charged",
+    "card_payment_not_recognised", "card_payment_wrong_exchange_rate", "card_swallowed", "cash_withdrawal_charge",
+    "cash_withdrawal_not_recognised", "change_pin", "compromised_card", "contactless_not_working",
+    "country_support", "declined_card_payment", "declined_cash_withdrawal", "declined_transfer",
+    "direct_debit_payment_not_recognised", "disposable_card_limits", "edit_personal_details", "exchange_charge",
+    "exchange_rate", "exchange_via_app", "extra_charge_on_statement", "failed_transfer", "fiat_currency_support",
+    "get_disposable_virtual_card", "get_physical_card", "getting_spare_card", "getting_virtual_card",
+    "lost_or_stolen_card", "lost_or_stolen_phone", "order_physical_card", "passcode_forgotten",
+    "pending_card_payment", "pending_cash_withdrawal", "pending_top_up", "pending_transfer", "pin_blocked",
+    "receiving_money", "Refund_not_showing_up", "request_refund", "reverted_card_payment?",
+    "supported_cards_and_currencies", "terminate_account", "top_up_by_bank_transfer_charge",
+    "top_up_by_card_charge", "top_up_by_cash_or_cheque", "top_up_failed", "top_up_limits", "top_up_reverted",
+    "topping_up_by_card", "transaction_charged_twice", "transfer_fee_charged", "transfer_into_account",
+    "transfer_not_received_by_recipient", "transfer_timing", "unable_to_verify_identity", "verify_my_identity",
+    "verify_source_of_funds", "verify_top_up", "virtual_card_not_working", "visa_or_mastercard",
+    "why_verify_identity", "wrong_amount_of_cash_received", "wrong_exchange_rate_for_cash_withdrawal",
+]
+
+
+def load_examples(n: int, labels: list[str], prompt: str) -> list:
+    """``n`` bank-intent examples: the fixture's messages, cycled, formatted by the task itself."""
+    from dataclasses import replace
+
+    from ftkit.plugins import get_task
+
+    task = get_task("bank-intent")
+    rows = [json.loads(line) for line in MESSAGES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    examples = [task.format({"text": rows[i % len(rows)]["text"], "label": rows[i % len(rows)]["label"]})
+                for i in range(n)]
+    if prompt == "listed":
+        examples = [replace(e, instruction=f"{e.instruction} Answer with one of: {', '.join(labels)}.") for e in examples]
+    return examples
+
+
+def load_model(path: str | None):  # noqa: ANN201 - (model, tokenizer)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.tiny import tiny_model_path
+
+    source = path or str(tiny_model_path())
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def timed(score) -> tuple[float, float, object]:  # noqa: ANN001
+    """Wall and CPU seconds of ``score()``, and its result."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    scores = score()
+    return time.perf_counter() - wall, time.process_time() - cpu, scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=200, help="examples scored with 5 labels")
+    parser.add_argument("--examples-77", type=int, default=50, help="examples scored with 77 labels")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported")
+    parser.add_argument("--model", help="a local Hugging Face folder of a causal LM; default: the built-in tiny model")
+    args = parser.parse_args()
+    import torch
+
+    from ftkit.evaluator import label_scores, label_scores_brute_force
+
+    quiet()
+    torch.set_num_threads(2)
+    model, tokenizer = load_model(args.model)
+    print(f"model {args.model or 'ftkit/tiny-qwen2 (built-in)'}, batch size {BATCH_SIZE}, max_seq_len {MAX_SEQ_LEN}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    other_load = OtherLoad()
+    rows = []
+    for labels, n in ((BANK_INTENT_LABELS, args.examples), (BANKING77_LABELS, args.examples_77)):
+        for prompt in PROMPTS:
+            examples = load_examples(n, labels, prompt)
+            best: dict[str, tuple[float, float]] = {}
+            for _ in range(args.repeats):
+                for name, score in (("brute", label_scores_brute_force), ("fast", label_scores)):
+                    wall, cpu, scores = timed(partial(score, model, tokenizer, examples, labels, BATCH_SIZE,
+                                                      MAX_SEQ_LEN, name))
+                    best[name] = tuple(min(pair) for pair in zip(best.get(name, (wall, cpu)), (wall, cpu)))
+                    if name == "brute":
+                        reference = scores
+                    else:
+                        same = scores.argmax(-1).tolist() == reference.argmax(-1).tolist()
+                        gap = (scores - reference).abs().max().item()
+                print(f"  {len(labels)} labels, {prompt} prompt: brute {best['brute'][0]:.2f} s, "
+                      f"fast {best['fast'][0]:.2f} s", flush=True)
+            rows.append((len(labels), prompt, n, *best["brute"], *best["fast"], same, gap))
+    print(other_load.note())
+    print()
+    print(f"{'labels':>6} {'prompt':>7} {'examples':>8} {'brute s':>8} {'fast s':>7} {'speedup':>8} "
+          f"{'CPU-time speedup':>16} {'goal':>5} {'same predictions':>16} {'max |diff|':>10}")
+    for labels, prompt, n, brute, brute_cpu, fast, fast_cpu, same, gap in rows:
+        print(f"{labels:>6} {prompt:>7} {n:>8} {brute:>8.2f} {fast:>7.2f} {brute / fast:>7.1f}x "
+              f"{brute_cpu / fast_cpu:>15.1f}x {GOALS[labels]:>4.0f}x {'yes' if same else 'NO':>16} {gap:>10.1e}")
+    if not all(row[7] for row in rows):
+        sys.exit("the fast path picked different labels than the brute force")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Label scoring: the KV-cache fast path scores exactly what the brute force scores, and the score options."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from ftkit.errors import ConfigError
+from ftkit.evaluator import (
+    CONTENT_FREE_INPUT,
+    calibrate_scores,
+    evaluate,
+    label_scores,
+    label_scores_brute_force,
+    reduce_answer_logprobs,
+)
+from ftkit.prepare import render_answer
+from ftkit.recipe import recipe_from_dict
+from ftkit.tasks import Example
+from ftkit.tiny import tiny_model_path
+
+torch = pytest.importorskip("torch")
+
+EXAMPLES = [
+    Example("今天終於放假了，好開心", "開心", instruction="這句話的情緒是？"),
+    Example("I waited two hours and nobody came, I am so angry", "生氣", system="You label emotions."),
+    Example("嗯", "驚訝"),
+    Example("what?", "驚訝", instruction="Classify the emotion.", system="You label emotions."),
+    Example("好難過啊，真的很難過，" * 6, "難過"),  # long: cut when max_len is small
+]
+#: Every label starts with a different token (checked below).
+DISTINCT_FIRST = ["開心", "難過", "生氣", "驚訝", "害怕"]
+#: Labels sharing first tokens, of different lengths: continuations must not be mixed up.
+SHARED_FIRST = ["happy", "happy and calm", "happy but tired", "sad", "sad and angry"]
+RECIPE = {"model": {"id": "m"}, "task": {"name": "emotion", "train_file": "t.jsonl"}, "output": {"dir": "out"}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["chat template", "no chat template"])
+def tokenizer(request):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    if request.param == "no chat template":
+        tokenizer.chat_template = None
+    return tokenizer
+
+
+def first_tokens(tokenizer, labels: list[str]) -> list[int]:
+    return [tokenizer(render_answer(tokenizer, EXAMPLES[0], label), add_special_tokens=False)["input_ids"][0]
+            for label in labels]
+
+
+def assert_same_scores(fast, brute) -> None:
+    assert fast.shape == brute.shape
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, brute, rtol=1e-5, atol=1e-4)
+    assert fast.argmax(-1).tolist() == brute.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("labels", [DISTINCT_FIRST, SHARED_FIRST], ids=["distinct first tokens", "shared first tokens"])
+@pytest.mark.parametrize("max_len", [256, 24], ids=["prompts whole", "prompts cut"])
+def test_fast_path_equals_brute_force(model, tokenizer, labels, max_len):
+    firsts = first_tokens(tokenizer, labels)
+    assert len(set(firsts)) == (len(labels) if labels is DISTINCT_FIRST else 2)
+    fast = label_scores(model, tokenizer, EXAMPLES, labels, 2, max_len, "fast")
+    brute = label_scores_brute_force(model, tokenizer, EXAMPLES, labels, 2, max_len, "brute")
+    assert_same_scores(fast, brute)
+
+
+@pytest.mark.parametrize("score", ["sum", "mean"])
+@pytest.mark.parametrize("calibrate", [False, True], ids=["raw", "calibrated"])
+def test_fast_path_equals_brute_force_with_every_score_option(model, tokenizer, score, calibrate):
+    options = {"score": score, "calibrate": calibrate}
+    fast = label_scores(model, tokenizer, EXAMPLES, SHARED_FIRST, 3, 256, "fast", **options)
+    brute = label_scores_brute_force(model, tokenizer, EXAMPLES, SHARED_FIRST, 3, 256, "brute", **options)
+    assert_same_scores(fast, brute)
+
+
+def test_fast_path_equals_brute_force_through_a_lora_adapter(model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    torch.manual_seed(0)
+    # init_lora_weights=False: random B, so the adapter really changes the scores.
+    wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False)).eval()
+    fast = label_scores(wrapped, tokenizer, EXAMPLES, SHARED_FIRST, 2, 24, "fast")
+    brute = label_scores_brute_force(wrapped, tokenizer, EXAMPLES, SHARED_FIRST, 2, 24, "brute")
+    assert_same_scores(fast, brute)
+    unadapted = label_scores(model, tokenizer, EXAMPLES, SHARED_FIRST, 2, 24, "base")
+    assert not torch.allclose(fast, unadapted, atol=1e-3)
+
+
+def test_mean_divides_by_the_number_of_answer_tokens():
+    total = torch.tensor([[-6.0, -3.0], [-1.0, 0.0]])
+    count = torch.tensor([[3, 1], [1, 0]])
+    assert reduce_answer_logprobs(total, count, "sum") is total
+    # An empty answer (0 tokens) scores 0, as its sum does, instead of dividing by zero.
+    assert reduce_answer_logprobs(total, count, "mean").tolist() == [[-2.0, -3.0], [-1.0, 0.0]]
+    with pytest.raises(ValueError, match="`score` must be sum or mean"):
+        reduce_answer_logprobs(total, count, "median")
+
+
+def test_calibration_divides_out_the_content_free_prior():
+    # The model prefers label 0 whatever the input: p_cf = (0.8, 0.2).
+    content_free = torch.log(torch.tensor([[0.8, 0.2]]))
+    scores = torch.log(torch.tensor([[0.7, 0.3], [0.9, 0.1]]))
+    calibrated = calibrate_scores(scores, content_free)
+    # Zhao et al. 2021: q ∝ p / p_cf.
+    expected = torch.tensor([[0.7 / 0.8, 0.3 / 0.2], [0.9 / 0.8, 0.1 / 0.2]])
+    torch.testing.assert_close(calibrated.softmax(-1), expected / expected.sum(-1, keepdim=True))
+    assert calibrated.argmax(-1).tolist() == [1, 0]
+    # Only the content-free distribution over the labels matters, not its scale.
+    torch.testing.assert_close(calibrate_scores(scores, content_free - 5.0), calibrated)
+    assert math.isclose(calibrated[0, 0].item(), math.log(0.7) - math.log(0.8), rel_tol=1e-6)
+
+
+def test_calibration_scores_the_labels_after_a_content_free_input(model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    calibrated = label_scores(model, tokenizer, EXAMPLES, DISTINCT_FIRST, 4, 256, "x", calibrate=True)
+    raw = label_scores(model, tokenizer, EXAMPLES, DISTINCT_FIRST, 4, 256, "x")
+    # Same system prompt and instruction, input N/A.
+    blank = [Example(CONTENT_FREE_INPUT, "", instruction=e.instruction, system=e.system) for e in EXAMPLES]
+    prior = label_scores(model, tokenizer, blank, DISTINCT_FIRST, 4, 256, "x")
+    torch.testing.assert_close(calibrated, raw - prior.log_softmax(-1))
+
+
+def test_recipe_keys_default_to_todays_scores_and_reject_unknown_values():
+    recipe = recipe_from_dict(RECIPE)
+    assert (recipe.eval.label_score, recipe.eval.calibrate) == ("sum", False)
+    with pytest.raises(ConfigError, match="eval.label_score: 'median' is not one of sum, mean"):
+        recipe_from_dict({**RECIPE, "eval": {"label_score": "median"}})
+
+
+def test_evaluate_passes_the_recipes_score_options_on(monkeypatch):
+    from ftkit import evaluator
+
+    seen = {}
+
+    def fake_label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc, **options):
+        seen.update(options)
+        return torch.zeros((len(examples), len(labels)))
+
+    monkeypatch.setattr(evaluator, "label_scores", fake_label_scores)
+    recipe = recipe_from_dict({**RECIPE, "eval": {"label_score": "mean", "calibrate": True}})
+    task = SimpleNamespace(kind="classification", metrics=lambda predictions, references: {})
+    model = SimpleNamespace(training=False, eval=lambda: None, train=lambda mode: None)
+    evaluate(model, None, task, EXAMPLES[:2], "causal", ["a", "b"], recipe, "test")
+    assert seen == {"score": "mean", "calibrate": True}
