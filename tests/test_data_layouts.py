@@ -163,7 +163,7 @@ def test_every_layout_runs_end_to_end_and_run_splits_as_data_split_does(layout_f
     result = cli("run", recipe)
     assert result.exit_code == 0, result.output[-3000:]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["steps"] == 2 and metrics["baseline"] is None
+    assert metrics["steps"] == 2 and metrics["baselines"]["zero_shot"] is None  # eval.baseline = false
     assert metrics["train_examples"] + metrics["test_examples"] <= layout.examples
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
     assert labels["labels"] == layout.labels

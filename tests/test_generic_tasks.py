@@ -157,7 +157,7 @@ def test_sft_runs_end_to_end_and_reports_perplexity_bleu_chrf_and_rouge(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for name in ("perplexity", "bleu", "chrf", "rougeL"):
-        assert name in metrics["finetuned"] and name in metrics["baseline"], name
+        assert name in metrics["finetuned"] and name in metrics["baselines"]["zero_shot"], name
     assert metrics["train_examples"] == 8 and metrics["test_examples"] == 2
     # The run folder keeps whole conversations, so `ftkit eval` re-scores the same prompts.
     rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
