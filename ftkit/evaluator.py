@@ -339,6 +339,36 @@ def generate(model, tokenizer, examples: list[Example], settings, batch_size: in
     return replies
 
 
+def _answers(model, tokenizer, task: Task, examples: list[Example], head: str, labels: list[str] | None,  # noqa: ANN001
+             recipe, desc: str) -> list[str]:
+    """What the model answers: the classifier's label, the best-scoring label, or the generated reply."""
+    batch, max_len = recipe.eval.batch_size, recipe.train.max_seq_len
+    if head == "classifier":
+        return predict_classifier(model, tokenizer, examples, labels, batch, max_len, desc)
+    if task.kind == "classification":
+        return predict_label_scores(model, tokenizer, examples, labels, batch, max_len, desc,
+                                    score=recipe.eval.label_score, calibrate=recipe.eval.calibrate)
+    if recipe.eval.do_sample:
+        # Sampling seeded with train.seed: `ftkit eval RUN` draws the same replies again.
+        import torch
+
+        torch.manual_seed(recipe.train.seed + distributed.rank())
+    return generate(model, tokenizer, examples, recipe.eval, batch, max_len, desc)
+
+
+def answer(model, tokenizer, task: Task, examples: list[Example], head: str, labels: list[str] | None,  # noqa: ANN001
+           recipe) -> list[str]:
+    """The model's answers to a few examples (the report's hand-written sentences), in eval mode."""
+    if not examples:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        return _answers(model, tokenizer, task, examples, head, labels, recipe, "answering")
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, labels: list[str] | None,  # noqa: ANN001
              recipe, name: str) -> dict[str, Any]:
     """Predictions and the task's metrics (plus perplexity for generation) on ``examples``.
@@ -352,18 +382,7 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], head: str, l
     mine = distributed.shard(examples)
 
     def predict() -> tuple[list[str], tuple[float, int] | None]:
-        if head == "classifier":
-            predictions = predict_classifier(model, tokenizer, mine, labels, batch, max_len, desc)
-        elif task.kind == "classification":
-            predictions = predict_label_scores(model, tokenizer, mine, labels, batch, max_len, desc,
-                                               score=recipe.eval.label_score, calibrate=recipe.eval.calibrate)
-        else:
-            if recipe.eval.do_sample:
-                # Sampling seeded with train.seed: `ftkit eval RUN` draws the same replies again.
-                import torch
-
-                torch.manual_seed(recipe.train.seed + distributed.rank())
-            predictions = generate(model, tokenizer, mine, recipe.eval, batch, max_len, desc)
+        predictions = _answers(model, tokenizer, task, mine, head, labels, recipe, desc)
         nll = answer_nll(model, tokenizer, mine, batch, max_len, desc) if task.kind == "generation" else None
         return predictions, nll
 

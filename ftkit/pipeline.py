@@ -73,6 +73,7 @@ class FineTuneRun:
             training = True
             self.train()
             self.finetuned = self.evaluate("fine-tuned")
+            self.finetuned["showcase"] = self.answer_showcase(self.model, self.head)
             distributed.on_main(self.save)
         except BaseException as error:
             if distributed.is_main() and not training and not self.resume:
@@ -234,6 +235,7 @@ class FineTuneRun:
         else:
             # The LoRA adapters start as the identity: this is the base model answering zero-shot.
             result["zero_shot"] = self.evaluate("zero-shot base model")
+            result["zero_shot"]["showcase"] = self.answer_showcase(self.model, "causal")
         for note in notes:
             self.echo(f"Notice: {note}")
         self.notes += notes
@@ -253,7 +255,8 @@ class FineTuneRun:
         metrics = task_metrics(self.task, predictions, [e.references for e in self.test], self.labels)
         headline = self.task.headline_metric
         self.echo(f"majority baseline ({label}): {headline} = {metrics.get(headline, float('nan')):.4f}")
-        return {"metrics": metrics, "predictions": predictions, "label": label}
+        return {"metrics": metrics, "predictions": predictions, "label": label,
+                "showcase": [label] * len(self.recipe.eval.showcase)}
 
     def evaluate_zero_shot_lm(self, notes: list[str]) -> dict[str, Any] | None:
         """A classifier-head run's zero-shot baseline: the same base weights as a causal LM, scoring labels.
@@ -287,6 +290,7 @@ class FineTuneRun:
             try:
                 result = evaluate(causal, self.tokenizer, self.task, self.test, "causal", self.labels, self.recipe,
                                   "zero-shot base model (LM head)")
+                result["showcase"] = self.answer_showcase(causal, "causal")
             except Exception as failure:  # noqa: BLE001 - e.g. out of memory; every rank raises it together
                 error = f"{type(failure).__name__}: {failure}"
         del causal
@@ -307,6 +311,19 @@ class FineTuneRun:
         headline = self.task.headline_metric
         self.echo(f"{name}: {headline} = {result['metrics'].get(headline, float('nan')):.4f}")
         return result
+
+    def answer_showcase(self, model, head: str) -> list[str]:  # noqa: ANN001
+        """The model's answers to the recipe's hand-written ``eval.showcase`` inputs (not scored)."""
+        from ftkit.evaluator import answer
+        from ftkit.tasks import Example
+
+        texts = self.recipe.eval.showcase
+        if not texts:
+            return []
+        like = self.splits.train[0]  # the task's own instruction and system prompt
+        examples = [Example(input=text, target=like.target, instruction=like.instruction, system=like.system)
+                    for text in texts]
+        return answer(model, self.tokenizer, self.task, examples, head, self.labels, self.recipe)
 
     def train(self) -> None:
         from ftkit.training import build_trainer, newest_checkpoint
@@ -352,6 +369,7 @@ class FineTuneRun:
             "baselines": {name: self.baselines[name] for name in BASELINES}, "labels": self.labels,
             "random_head": self.baselines["random_head"], "finetuned": self.finetuned,
             "ci95": judged["ci95"], "verdict": judged["verdict"], "test_warnings": self.test_warnings,
+            "showcase": list(self.recipe.eval.showcase),
         }
         metrics_of = lambda result: result["metrics"] if result else None  # noqa: E731
         write_json(self.work / "metrics.json", {

@@ -245,7 +245,7 @@ def compute_fits(gpu_bytes: int, seq: int) -> dict[str, dict]:
 def recommendations(has_cuda: bool, fits: dict | None) -> list[dict[str, str]]:
     """Commands worth running next here, each ``{"command": ..., "why": ...}``."""
     steps = [{"command": "ftkit run recipes/quickstart.toml",
-              "why": "train the built-in tiny model end to end" + ("" if has_cuda else " on this CPU") + " (minutes)"}]
+              "why": "fine-tune a real 135M model end to end" + ("" if has_cuda else " on this CPU") + " (minutes)"}]
     qlora = (fits or {}).get("methods", {}).get("qlora", {})
     if fits is not None and qlora.get("largest_model"):
         gpu = f"{fits['gpu_mem_bytes'] / GIB:.0f}GiB"

@@ -109,6 +109,8 @@ class EvalSection:
                           choices=("sum", "mean"))
     calibrate: bool = _f(False, "causal head, classification: subtract each label's log-prob after the content-free "
                          "input `N/A` (contextual calibration, Zhao et al. 2021), removing the model's bias for labels")
+    showcase: list = _f([], "hand-written inputs report.md ends with, and what the zero-shot base model and the "
+                        "fine-tuned one answer to each (not scored)", kind=str)
 
 
 @dataclass

@@ -198,8 +198,28 @@ def write_report(folder: Path, summary: dict[str, Any], log_history: list[dict])
         lines += ["", "![training loss](loss.png)"]
     if "confusion_matrix" in finetuned:
         lines += _confusion_section(folder, finetuned, against, verdict)
+    lines += _showcase_section(summary)
     lines += ["", f"Reproduce: `ftkit run {summary['recipe_path']}` (resolved recipe: `recipe.toml`).", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _showcase_section(summary: dict) -> list[str]:
+    """The recipe's hand-written inputs and what each model answers to them (``eval.showcase``)."""
+    texts = summary.get("showcase") or []
+    if not texts:
+        return []
+    columns = [(name, result) for name, result in (("majority", summary["baselines"].get("majority")),
+                                                   ("zero_shot", summary["baselines"].get("zero_shot")),
+                                                   ("finetuned", summary["finetuned"]))
+               if result and len(result.get("showcase") or []) == len(texts)]
+    lines = ["", "## Hand-written examples", "",
+             "Sentences written for this recipe (`eval.showcase`), outside the data; not scored.", "",
+             "| input | " + " | ".join(MODEL_NAMES[name] for name, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    cell = lambda text: " ".join(str(text).split()).replace("|", "\\|")  # noqa: E731
+    for i, text in enumerate(texts):
+        lines.append(f"| {cell(text)} | " + " | ".join(cell(result["showcase"][i]) for _, result in columns) + " |")
+    return lines
 
 
 def _confusion_section(folder: Path, finetuned: dict, against: dict | None, verdict: dict | None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ TASK = ftkit.Task(
     labels=None,
     load=load,
     fields=FIELDS,
+    # The quickstart's English messages (bench/make_intent_quickstart.py): grouped by their `cue`.
+    sample_data=Path(str(resources.files("ftkit_plugins.data").joinpath("bank_intent_quickstart.jsonl"))),
     format=format_example,
     metrics=metrics,
     headline_metric="macro_f1",

@@ -20,7 +20,7 @@ from ftkit.model_configs import resolve_shape
 from tests.conftest import run_ftkit
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+QUICKSTART = ROOT / "recipes" / "tiny.toml"
 STEPS = ["--set", "train.max_steps=40"]
 BATCH = 8  # per process; the one-process reference trains at 2 x BATCH
 

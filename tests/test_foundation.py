@@ -218,7 +218,7 @@ def test_task_contract_rejects_malformed_tasks():
     assert "`metrics` must be callable" in message
 
 
-@pytest.mark.parametrize("args", [["run", "recipes/quickstart.toml", "--dry-run"],
+@pytest.mark.parametrize("args", [["run", "recipes/tiny.toml", "--dry-run"],
                                   ["data", "validate", "emotion", "plugins/data/emotion_quickstart.jsonl"]])
 def test_data_commands_read_through_datasets_without_torch(args):
     """A dry run loads and checks the data (through datasets) but loads no model library."""

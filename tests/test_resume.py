@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import run_ftkit
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.toml")
+QUICKSTART = str(ROOT / "recipes" / "tiny.toml")
 SHORT = ["--set", "train.max_steps=60", "--set", "train.save_steps=10"]
 
 

@@ -15,7 +15,7 @@ from tests.conftest import run_ftkit
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 FIXTURES = ROOT / "tests" / "fixtures"
-QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+QUICKSTART = ROOT / "recipes" / "tiny.toml"
 TINY = ["--set", 'model.id="ftkit/tiny-qwen2"', "--set", 'model.source="builtin"']
 
 

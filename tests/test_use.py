@@ -21,7 +21,7 @@ from ftkit.cli import main
 from tests.conftest import heavy_imports_after, run_ftkit
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+QUICKSTART = ROOT / "recipes" / "tiny.toml"
 HUANHUAN = ROOT / "recipes" / "huanhuan-chat.toml"
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = ["--set", 'model.id="ftkit/tiny-qwen2"', "--set", 'model.source="builtin"']

@@ -13,7 +13,7 @@ from ftkit.metrics import classification_metrics, generation_metrics, squad_metr
 from tests.conftest import run_ftkit
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+QUICKSTART = ROOT / "recipes" / "tiny.toml"
 EMOTION = ROOT / "plugins" / "data" / "emotion_quickstart.jsonl"
 LABELS = ["a", "b", "c", "d"]
 

@@ -12,7 +12,7 @@ from ftkit.errors import FtkitError
 
 EPILOG = """\b
 Examples:
-  $ ftkit run recipes/quickstart.toml        # offline: tiny model, CPU, a few minutes
+  $ ftkit run recipes/quickstart.toml        # offline: SmolLM2-135M on the CPU, a few minutes
   $ ftkit estimate --model 1.5B --seq 256 --batch 4   # will it fit? memory part by part
   $ ftkit probe                              # this machine, and what fits on its GPU
   $ ftkit run recipes/emotion.toml --dry-run # resolved recipe + memory estimate

@@ -13,7 +13,7 @@ SET_HELP = "Override a recipe value, e.g. --set train.lr=2e-5 (repeatable)."
 @click.command(
     epilog="""\b
 Examples:
-  $ ftkit run recipes/quickstart.toml                 # tiny model, CPU, offline, a few minutes
+  $ ftkit run recipes/quickstart.toml                 # SmolLM2-135M, CPU, offline, a few minutes
   $ ftkit run recipes/emotion.toml --set train.lr=2e-5 --set train.epochs=1
   $ ftkit run recipes/emotion.toml --dry-run          # resolved recipe + memory estimate, no training
   $ ftkit run recipes/emotion.toml --overwrite        # replace an existing run folder
