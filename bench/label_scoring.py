@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--examples-77", type=int, default=50, help="examples scored with 77 labels")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported")
     parser.add_argument("--model", help="a local Hugging Face folder of a causal LM; default: the built-in tiny model")
+    parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"which prompts, of {', '.join(PROMPTS)}")
     args = parser.parse_args()
     import torch
 
@@ -124,7 +125,7 @@ def main() -> None:
     other_load = OtherLoad()
     rows = []
     for labels, n in ((BANK_INTENT_LABELS, args.examples), (BANKING77_LABELS, args.examples_77)):
-        for prompt in PROMPTS:
+        for prompt in [p for p in PROMPTS if p in args.prompts.split(",")]:
             examples = load_examples(n, labels, prompt)
             best: dict[str, tuple[float, float]] = {}
             for _ in range(args.repeats):

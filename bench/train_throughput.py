@@ -2,7 +2,7 @@
 
     $ python bench/train_throughput.py [--repeats 3] [--epochs 2]
 
-All three train the same model (the built-in tiny Qwen2, ``recipes/quickstart.toml``), with the
+All three train the same model (the built-in tiny Qwen2, ``recipes/tiny.toml``), with the
 same LoRA config, on the same train split, for the same number of steps, from the same seed:
 
 - ftkit: ``FineTuneRun`` steps ``setup``, ``find_model``, ``load_data``, ``load_model`` (untimed),
@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.toml"
 TUTORIAL_MAX_LENGTH = 256
 EVAL_PASSES = 3
 EVAL_COPIES = 4

@@ -24,15 +24,37 @@ from ftkit.prepare import IGNORE_INDEX, encode_causal, render_answer, render_pro
 from ftkit.tasks import Example, Task
 
 
+PROGRESS_EVERY_S = 10.0  # without a terminal: one progress line at most this often
+
+
 def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int], desc: str):  # noqa: ANN202
-    """Yield (indices, items) batches, longest first; a progress bar on a terminal (rank 0's only)."""
+    """Yield (indices, items) batches, longest first, with progress (rank 0's only).
+
+    A progress bar on a terminal; otherwise (CI logs, ``nohup``, a pipe) a plain line every
+    ``PROGRESS_EVERY_S`` seconds with done/total and the rate, so a long evaluation is never silent.
+    """
+    import sys
+    import time
+
     from tqdm.auto import tqdm
 
     order = sorted(range(len(items)), key=lambda i: -key(items[i]))
     starts = range(0, len(order), size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=None if distributed.is_main() else True, leave=False):
+    main = distributed.is_main()
+    if not main or sys.stderr.isatty():
+        for start in tqdm(starts, desc=desc, unit="batch", disable=None if main else True, leave=False):
+            chunk = order[start:start + size]
+            yield chunk, [items[i] for i in chunk]
+        return
+    began = last = time.perf_counter()
+    for start in starts:
         chunk = order[start:start + size]
         yield chunk, [items[i] for i in chunk]
+        now, done = time.perf_counter(), min(start + size, len(order))
+        if now - last >= PROGRESS_EVERY_S and done < len(order):
+            last = now
+            print(f"{desc}: {done}/{len(order)} ({done / len(order):.0%}), {done / (now - began):.1f}/s",
+                  file=sys.stderr, flush=True)
 
 
 def _device(model):  # noqa: ANN001, ANN202
@@ -159,7 +181,10 @@ def answer_logprobs_brute_force(model, tokenizer, examples: list[Example], label
     import torch
 
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
-    features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j]) for i, j in pairs]
+    # Every label is scored after the same cut of a too-long prompt: the one its longest label leaves.
+    reserve = [max(len(ids) for ids in tokenizer([render_answer(tokenizer, e, label) for label in labels],
+                                                 add_special_tokens=False)["input_ids"]) for e in examples]
+    features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j], reserve=reserve[i]) for i, j in pairs]
     total = torch.zeros((len(examples), len(labels)))
     count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
     with torch.inference_mode():
@@ -183,8 +208,8 @@ class _Prompt:
 def _label_prompts(tokenizer, examples: list[Example], labels: list[str], max_len: int):  # noqa: ANN001, ANN202
     """Prompts and answer ids, cut exactly as :func:`encode_causal` cuts them for the brute force.
 
-    The prompt keeps ``max_len`` minus the answer's length, so when a prompt is too long, labels of
-    different lengths see different cuts of it: one :class:`_Prompt` per distinct cut.
+    A too-long prompt is cut once per example, leaving room for its longest label: every label is
+    scored after the same context (and the prompt runs once).
     """
     prompts: list[_Prompt] = []
     answers: list[list[list[int]]] = []
@@ -193,10 +218,8 @@ def _label_prompts(tokenizer, examples: list[Example], labels: list[str], max_le
         texts = [render_answer(tokenizer, example, label) for label in labels]
         ids = [a[: max_len // 2] for a in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         answers.append(ids)
-        cuts: dict[int, list[int]] = {}
-        for j, answer in enumerate(ids):
-            cuts.setdefault(max(0, len(prompt) - (max_len - len(answer))), []).append(j)
-        prompts += [_Prompt(i, prompt[start:], js) for start, js in cuts.items()]
+        longest = max((len(answer) for answer in ids), default=0)
+        prompts.append(_Prompt(i, prompt[max(0, len(prompt) - (max_len - longest)):], list(range(len(ids)))))
     return prompts, answers
 
 
@@ -312,6 +335,23 @@ def perplexity(model, tokenizer, examples: list[Example], batch_size: int, max_l
     return math.exp(total / max(count, 1))
 
 
+def generation_options(tokenizer, settings) -> dict[str, Any]:  # noqa: ANN001 - a tokenizer, eval settings
+    """``generate`` keyword arguments, the one place they are made (run, eval, predict and chat).
+
+    Greedy unless ``settings.do_sample``; the turn ends at EOS or at ``<|im_end|>`` (Qwen-style
+    chat templates end a turn there, not at EOS).
+    """
+    end_ids = [tokenizer.eos_token_id]
+    if "<|im_end|>" in tokenizer.get_vocab():
+        end_ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+                               "repetition_penalty": settings.repetition_penalty, "eos_token_id": end_ids,
+                               "pad_token_id": tokenizer.pad_token_id}
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return options
+
+
 def generate(model, tokenizer, examples: list[Example], settings, batch_size: int, max_len: int,  # noqa: ANN001
              desc: str) -> list[str]:
     """Batched generation with left padding; returns the decoded replies (new tokens only)."""
@@ -320,15 +360,7 @@ def generate(model, tokenizer, examples: list[Example], settings, batch_size: in
     prompts = [tokenizer(render_prompt(tokenizer, e), add_special_tokens=False)["input_ids"][-max_len:]
                for e in examples]
     replies: list[str | None] = [None] * len(examples)
-    end_ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
-        end_ids.append(im_end)
-    options = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-               "repetition_penalty": settings.repetition_penalty, "eos_token_id": end_ids,
-               "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample:
-        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    options = generation_options(tokenizer, settings)
     with torch.inference_mode():
         for chunk, ids in _batches(prompts, batch_size, len, desc):
             batch = _pad(tokenizer, [{"input_ids": i} for i in ids], _device(model), side="left")

@@ -165,13 +165,16 @@ def render_answer(tokenizer, example: Example, answer: str) -> str:  # noqa: ANN
     return answer + (tokenizer.eos_token or "")
 
 
-def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None = None) -> dict[str, list[int]]:  # noqa: ANN001
+def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None = None,  # noqa: ANN001
+                  reserve: int = 0) -> dict[str, list[int]]:
     """input_ids = prompt + answer; labels mask the prompt with -100 so only the answer is learned.
 
     Prompt and answer are tokenized apart so the boundary never merges into one token. Too long:
     the prompt loses its first tokens, keeping the text nearest the answer (the input and the
-    assistant header); the answer keeps at most half of ``max_len``. A conversation
-    (``example.messages``) is encoded by :func:`encode_conversation` instead.
+    assistant header); the answer keeps at most half of ``max_len``. ``reserve`` keeps room for an
+    answer that long instead (label scoring: every label is scored after the same cut of the
+    prompt, the one the longest label leaves). A conversation (``example.messages``) is encoded by
+    :func:`encode_conversation` instead.
     """
     if example.messages:
         messages = [dict(m) for m in example.messages]
@@ -181,7 +184,8 @@ def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None 
     prompt_ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     answer_text = render_answer(tokenizer, example, example.target if answer is None else answer)
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][: max_len // 2]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_len - len(answer_ids))):]
+    room = max_len - max(len(answer_ids), min(reserve, max_len // 2))
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):]
     return _features([(prompt_ids, False), (answer_ids, True)])
 
 

@@ -389,30 +389,17 @@ class ChatSession:
 
 
 def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:  # noqa: ANN001
-    """The conversation as the model reads it: the chat template, else the layout ftkit trains such models on."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # No template: prepare.render_prompt's "system\n\nprompt\n\nAnswer: " turn after turn.
-    parts = []
-    for message in messages:
-        if message["role"] == "assistant":
-            parts.append(message["content"] + (tokenizer.eos_token or "") + "\n\n")
-        else:
-            parts.append(message["content"] + ("\n\n" if message["role"] == "system" else "\n\nAnswer: "))
-    return "".join(parts)
+    """The conversation as the model reads it: :func:`ftkit.prepare.render_conversation`, as in training."""
+    from ftkit.prepare import render_conversation
+
+    return render_conversation(tokenizer, messages, add_generation_prompt=True)
 
 
 def generation_options(tokenizer, settings: GenerationSettings) -> dict[str, Any]:  # noqa: ANN001
-    """``generate`` keyword arguments; the turn ends at EOS or at ``<|im_end|>`` (Qwen-style templates)."""
-    end_ids = [tokenizer.eos_token_id]
-    if "<|im_end|>" in tokenizer.get_vocab():
-        end_ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                               "repetition_penalty": settings.repetition_penalty, "eos_token_id": end_ids,
-                               "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample:
-        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return options
+    """:func:`ftkit.evaluator.generation_options`: chat generates exactly as evaluation does."""
+    from ftkit.evaluator import generation_options as options
+
+    return options(tokenizer, settings)
 
 
 # -- merge ---------------------------------------------------------------------------------------

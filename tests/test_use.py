@@ -406,3 +406,17 @@ def test_commands_refuse_what_they_cannot_do(classifier_run):
         assert_one_line_error(ftkit("merge", classifier_run, "-o", target, "--overwrite"), 2,
                               f"{target}: holds the run folder {classifier_run}; write the merged model somewhere else")
     assert (classifier_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_eval_reproduces_a_generation_runs_metrics_byte_for_byte(runs_dir, sample):
+    """Greedy decoding for metrics, and any sampling seeded: `ftkit eval RUN` gives metrics.json's numbers exactly."""
+    run = train(runs_dir / f"huanhuan-sample-{sample}", HUANHUAN, *TINY, "--set", "train.max_steps=2",
+                "--set", "train.max_seq_len=96", "--set", "eval.max_new_tokens=6", "--set", "eval.baseline=false",
+                "--set", f"eval.do_sample={str(sample).lower()}",
+                "--set", f"task.train_file={toml_str(FIXTURES / 'huanhuan.json')}")
+    evaluated = ftkit("eval", run, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    recorded = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["finetuned"]
+    again = json.loads(evaluated.stdout)["metrics"]
+    assert json.dumps(again, sort_keys=True) == json.dumps(recorded, sort_keys=True)
