@@ -548,7 +548,7 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             blank_values = np.array([not (v or "").strip() for v in column.dictionary.to_pylist()] or [False])
             blank = blank_values[pc.fill_null(column.indices, 0).to_numpy(zero_copy_only=False)]
         else:  # no trimmed copy of the text: utf8_is_space agrees with utf8_trim_whitespace
-            blank = pc.fill_null(pc.or_(pc.utf8_is_space(column), pc.equal(pc.binary_length(column), 0)),
+            blank = pc.fill_null(pc.or_(pc.utf8_is_space(column), pc.equal(column, pa.scalar("", column.type))),
                                  False).to_numpy(zero_copy_only=False)
         if spec.required:
             empty = blank & ~bad

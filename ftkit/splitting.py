@@ -41,9 +41,13 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
     # every row's group and label into a Python string.
     # Rows of one source record stay together (HC3's answers to one question); so do rows sharing
     # the group_by column, where there is one.
-    _, group_ids = (_sorted_codes(table.column("_group")) if "_group" in table.column_names
-                    else np.unique(table.column("_row").to_numpy(), return_inverse=True))
-    grouped = group_ids.max() + 1 < n
+    if "_group" in table.column_names:
+        _, group_ids = _sorted_codes(table.column("_group"))
+        grouped = group_ids.max() + 1 < n
+    else:  # source records, in order: several rows per record only where a record gave several
+        rows = table.column("_row").to_numpy()
+        grouped = bool(len(rows) > 1 and not (rows[1:] > rows[:-1]).all())
+        group_ids = np.unique(rows, return_inverse=True)[1] if grouped else None
     label_values, labels = _sorted_codes(table.column("label")) if stratify else (None, None)
     label_names = label_values.to_pylist() if stratify else []
     index = np.arange(n) if grouped else None
@@ -91,7 +95,10 @@ def _sorted_codes(column) -> tuple[pa.Array, np.ndarray]:  # noqa: ANN001 - a py
     encoded = pc.dictionary_encode(column, null_encoding="encode").combine_chunks()
     indices = encoded.indices.to_numpy(zero_copy_only=False)
     # A dictionary column (labels) may list values no row holds any more (after a take): keep the used.
-    used, indices = np.unique(indices, return_inverse=True)
+    used = np.flatnonzero(np.bincount(indices, minlength=len(encoded.dictionary)))
+    compact = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+    compact[used] = np.arange(len(used))
+    indices = compact[indices]
     values = encoded.dictionary.take(pa.array(used))
     order = pc.array_sort_indices(values, null_placement="at_end").to_numpy()
     rank = np.empty(len(order), dtype=np.int64)
@@ -135,12 +142,10 @@ def _stratified_pick(codes: np.ndarray, k: int, seed: int, *, at_least_one: bool
         score = np.where(room, exact - take, np.inf if take.sum() > k else -np.inf)
         pick = int(np.argmax(score)) if take.sum() < k else int(np.argmin(score))
         take[pick] += 1 if take.sum() < k else -1
+    # Class by class (the rows of one class, a seeded draw among them): no row-sized temporaries.
     rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(n)
-    by_class = shuffled[np.argsort(codes[shuffled], kind="stable")]
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    return np.concatenate([by_class[start:start + t] for start, t in zip(starts, take)]) if len(take) else \
-        np.array([], dtype=np.int64)
+    picked = [rng.choice(np.flatnonzero(codes == c), size=t, replace=False) for c, t in enumerate(take) if t]
+    return np.concatenate(picked) if picked else np.array([], dtype=np.int64)
 
 
 def sample_indices(data: TaskData, n: int, seed: int, *, stratify: bool) -> np.ndarray:

@@ -170,12 +170,12 @@ def test_plugins_check_json_and_its_exit_code():
     assert report["task"] == "hc3" and report["ok"] is True
     assert report["checks"][2] == {"name": "loader", "ok": True, "message": "12 rows from hc3_sample.jsonl, keys "
                                    "answer, label, question"}
-    failed = CliRunner().invoke(main, ["plugins", "check", "bank-intent", "--no-train"])
+    failed = CliRunner().invoke(main, ["plugins", "check", "sft", "--no-train"])
     assert failed.exit_code == 1
     assert failed.output.splitlines()[1:] == [
-        ("✗ data       task 'bank-intent' declares no `sample_data`: pass a data file "
+        ("✗ data       task 'sft' declares no `sample_data`: pass a data file "
          "(`ftkit plugins check NAME --data FILE`, or the `data_path` argument)"),
-        "bank-intent: 1 check failed",
+        "sft: 1 check failed",
     ]
     sampled = CliRunner().invoke(main, ["plugins", "check", "emotion", "--no-train"])
     assert sampled.exit_code == 0, sampled.output  # the bundled quickstart data is its sample
