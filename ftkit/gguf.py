@@ -241,13 +241,9 @@ def dequantize_to_folder(info: GgufInfo, dest: Path, dtype: str, model_id: str |
     # a quantized model cannot be saved.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(dest)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    from ftkit.tiny import save_quietly
+
+    save_quietly(model, dest)
     context = info.metadata.get(f"{info.architecture}.context_length")
     if isinstance(context, int) and context > 0:
         tokenizer.model_max_length = context  # GGUF tokenizers come without one (it reads as 1e30)

@@ -20,7 +20,6 @@ key: no copy of it is kept).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping

@@ -182,9 +182,16 @@ def _save_model(dest: Path, tokenizer) -> None:  # noqa: ANN001
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
     )
+    save_quietly(model, dest)
+
+
+def save_quietly(model, dest: Path) -> None:  # noqa: ANN001 - a transformers model
+    """``model.save_pretrained(dest)`` without its progress bar.
+
+    A one-shard "Writing model shards" bar is noise in the middle of ftkit's own output.
+    """
     from transformers.utils import logging as hf_logging
 
-    # A one-shard "Writing model shards" bar is noise in the middle of ftkit's own output.
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
