@@ -813,3 +813,12 @@ def record_rows(task: Task, record: Mapping[str, Any], where: str, mapping: Data
                             "task.label_map or skip it with task.drop_labels")
         kept.append({**row, "label": label})
     return kept
+
+
+def task_rows(task: Task, path: str | Path, **options: Any) -> Iterator[dict[str, Any]]:
+    """A task loader's body: the canonical rows of ``path`` in any layout ftkit reads.
+
+    ``options`` are what ``task.load`` receives (the recipe's ``task.options``, and ``labels``).
+    """
+    labels = tuple(options.pop("labels", ()) or ())
+    yield from load_task_data(task, path, DataMapping(labels=labels, options=options)).rows()

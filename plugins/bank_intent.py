@@ -22,10 +22,9 @@ def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, A
     """Rows ``{"text", "label"}`` from any file ftkit reads (JSONL, JSON, CSV, TSV, Parquet, Arrow)."""
     if path is None:
         raise DataError("the bank-intent task has no hub dataset: set `task.train_file` to your data file")
-    from ftkit.sources import DataMapping, load_task_data
+    from ftkit.sources import task_rows
 
-    labels = tuple(options.pop("labels", ()) or ())
-    yield from load_task_data(TASK, path, DataMapping(labels=labels, options=options)).rows()
+    yield from task_rows(TASK, path, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:

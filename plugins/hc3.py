@@ -39,10 +39,9 @@ def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, A
         for where, record in records:
             yield from parse(record, where, **options)
         return
-    from ftkit.sources import DataMapping, load_task_data
+    from ftkit.sources import task_rows
 
-    labels = tuple(options.pop("labels", ()) or ())
-    yield from load_task_data(TASK, path, DataMapping(labels=labels, options=options)).rows()
+    yield from task_rows(TASK, path, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:

@@ -30,9 +30,9 @@ def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, A
     """Rows from huanhuan.json (a JSON array), or the same objects in any file ftkit reads."""
     if path is None:
         raise DataError("the huanhuan-chat task has no hub dataset: set `task.train_file` to huanhuan.json")
-    from ftkit.sources import DataMapping, load_task_data
+    from ftkit.sources import task_rows
 
-    yield from load_task_data(TASK, path, DataMapping(options=options)).rows()
+    yield from task_rows(TASK, path, **options)
 
 
 def format_example(row: dict[str, Any]) -> ftkit.Example:

@@ -109,9 +109,9 @@ def load(path: str | Path | None = None, **options: Any) -> Iterator[dict[str, A
     """Canonical rows from any file ftkit reads, records in any of the three layouts."""
     if path is None:
         raise DataError("the sft task has no hub dataset: set `task.train_file` to your data file")
-    from ftkit.sources import DataMapping, load_task_data
+    from ftkit.sources import task_rows
 
-    yield from load_task_data(TASK, path, DataMapping(options=options)).rows()
+    yield from task_rows(TASK, path, **options)
 
 
 def format_example(row: Mapping[str, Any]) -> ftkit.Example:
