@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from train_throughput import OtherLoad  # a sibling script, as bench/label_scoring.py does
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -181,33 +183,6 @@ def measure(variant: str, path: Path) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-
-
-class OtherLoad:
-    """How much CPU processes other than this bench and its workers took (Linux ``/proc/stat``)."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        busy = 0.0
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-        except (OSError, ValueError, IndexError):
-            pass
-        own = sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF),
-                                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
-        return time.perf_counter(), busy, own
-
-    def note(self) -> str:
-        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()
-        if not busy1:
-            return "CPU use by other processes: unknown (no /proc/stat)"
-        share = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
-        warning = "; WARNING: the machine was busy, numbers are noisy" if share > 0.05 else ""
-        return f"other processes used {share:.0%} of the CPUs during the bench{warning}"
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -87,7 +88,10 @@ def fastest(evaluate: Callable[[], object]) -> float:
 
 
 class OtherLoad:
-    """How much CPU other processes took while the bench ran (Linux ``/proc/stat``)."""
+    """How much CPU other processes took while the bench ran (Linux ``/proc/stat``).
+
+    The bench's own CPU time, its worker processes' included, is not counted as other load.
+    """
 
     def __init__(self) -> None:
         self.start = self._sample()
@@ -100,7 +104,9 @@ class OtherLoad:
             busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
         except (OSError, ValueError, IndexError):
             pass
-        return time.perf_counter(), busy, time.process_time()
+        own = sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF),
+                                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+        return time.perf_counter(), busy, own
 
     def note(self) -> str:
         (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()

@@ -90,13 +90,19 @@ def test_each_sft_layout_parses_to_the_same_example():
                                      {"role": "assistant", "content": "Bonjour"}]
 
 
-@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain"])
-def test_labels_cover_exactly_the_assistant_turns_of_a_three_turn_conversation(tokenizer, template):
+def with_template(tokenizer, template: bool):  # noqa: ANN001, ANN201 - a transformers tokenizer
+    """The tokenizer as is, or a copy without its chat template (ftkit's plain layout)."""
     import copy
 
     tok = copy.copy(tokenizer)
     if not template:
         tok.chat_template = None
+    return tok
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain"])
+def test_labels_cover_exactly_the_assistant_turns_of_a_three_turn_conversation(tokenizer, template):
+    tok = with_template(tokenizer, template)
     example = sft_example({"messages": CONVERSATION})
     features = encode_causal(tok, example, max_len=1024)
     end = tok.eos_token  # <|im_end|>: the end-of-turn marker is learned, so generation stops
@@ -111,11 +117,7 @@ def test_labels_cover_exactly_the_assistant_turns_of_a_three_turn_conversation(t
 
 @pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain"])
 def test_a_long_conversation_loses_its_oldest_turns_first(tokenizer, template):
-    import copy
-
-    tok = copy.copy(tokenizer)
-    if not template:
-        tok.chat_template = None
+    tok = with_template(tokenizer, template)
     example = sft_example({"messages": CONVERSATION})
     full = encode_causal(tok, example, max_len=1024)
     cut = encode_causal(tok, example, max_len=len(full["input_ids"]) - 5)
