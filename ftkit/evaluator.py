@@ -20,7 +20,7 @@ from typing import Any
 
 from ftkit import distributed
 from ftkit.metrics import task_metrics
-from ftkit.prepare import IGNORE_INDEX, encode_causal, render_answer, render_prompt
+from ftkit.prepare import IGNORE_INDEX, encode_causal, render_prompt, scored_answer
 from ftkit.tasks import Example, Task
 
 
@@ -115,11 +115,11 @@ def predict_classifier(model, tokenizer, examples: list[Example], labels: list[s
 
 #: Zhao et al. 2021's content-free input: the labels' scores after it are the model's prior for them.
 CONTENT_FREE_INPUT = "N/A"
-#: Label continuations per forward, per example of the evaluation batch size. Each continuation row
-#: holds a copy of its prompt's KV cache but runs only its few answer tokens, so a chunk of
-#: 4 x batch_size rows needs about the memory of one brute-force batch (whose vocabulary logits at
-#: every position dominate) while keeping the forwards large enough to be efficient on a CPU.
-CONTINUATIONS_PER_EXAMPLE = 4
+#: Answer tokens per prompt in one continuation forward. Each prompt's labels run side by side
+#: after one copy of its KV cache, and each of their tokens needs vocabulary logits: at 64 tokens
+#: a batch of 16 holds 1,024 positions' logits, a quarter of what one brute-force batch at
+#: ``max_seq_len`` 256 holds, while keeping the forwards large enough to be efficient on a CPU.
+ANSWER_TOKENS_PER_FORWARD = 64
 
 
 def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
@@ -182,7 +182,7 @@ def answer_logprobs_brute_force(model, tokenizer, examples: list[Example], label
 
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
     # Every label is scored after the same cut of a too-long prompt: the one its longest label leaves.
-    reserve = [max(len(ids) for ids in tokenizer([render_answer(tokenizer, e, label) for label in labels],
+    reserve = [max(len(ids) for ids in tokenizer([scored_answer(tokenizer, e, label) for label in labels],
                                                  add_special_tokens=False)["input_ids"]) for e in examples]
     features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j], reserve=reserve[i]) for i, j in pairs]
     total = torch.zeros((len(examples), len(labels)))
@@ -215,7 +215,7 @@ def _label_prompts(tokenizer, examples: list[Example], labels: list[str], max_le
     answers: list[list[list[int]]] = []
     for i, example in enumerate(examples):
         prompt = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
-        texts = [render_answer(tokenizer, example, label) for label in labels]
+        texts = [scored_answer(tokenizer, example, label) for label in labels]
         ids = [a[: max_len // 2] for a in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         answers.append(ids)
         longest = max((len(answer) for answer in ids), default=0)
@@ -227,71 +227,143 @@ def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str]
                     max_len: int, desc: str):
     """(examples × labels) summed log-probs of each label's answer tokens, and their counts.
 
-    Same numbers as :func:`answer_logprobs_brute_force`, fast: one forward over each batch of
-    prompts (left-padded, so every prompt ends in the last column), whose next-token logits score
-    every label's first answer token; then the labels' remaining tokens run as continuations of
-    the prompt's KV cache, copied once per label. Vocabulary logits are computed only at those
-    positions (``logits_to_keep``).
+    Same numbers as :func:`answer_logprobs_brute_force`, fast:
+    - the tokens every prompt starts with (chat template, system prompt, instruction: often most
+      of a classification prompt) run once for the whole evaluation, and their KV cache starts
+      every batch;
+    - each batch of prompts runs its own remaining tokens once (left-padded after the shared part,
+      so every prompt ends in the last column), whose next-token logits score every label's first
+      answer token;
+    - the labels' remaining tokens run side by side after the prompt's KV cache, in one sequence
+      per prompt whose attention mask lets each label see the prompt and its own earlier tokens
+      only (:func:`_continuation_logprobs`).
+    Vocabulary logits are computed only at the positions scored (``logits_to_keep``). A model whose
+    attention takes no custom mask (flash attention) is scored by the brute force instead.
     """
     import torch
 
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return answer_logprobs_brute_force(model, tokenizer, examples, labels, batch_size, max_len, desc)
     prompts, answers = _label_prompts(tokenizer, examples, labels, max_len)
     total = torch.zeros((len(examples), len(labels)))
     count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
     device, (cache_name, keeps_logits) = _device(model), _forward_arguments(model)
+    keep = {"logits_to_keep": 1} if keeps_logits else {}
     with torch.inference_mode():
+        shared = _shared_prefix([p.ids for p in prompts])
+        shared_cache = None
+        if shared:
+            shared_cache = getattr(model(input_ids=torch.tensor([shared], device=device), use_cache=True, **keep),
+                                   cache_name)
         for _, batch in _batches(prompts, batch_size, lambda p: len(p.ids), desc):
-            padded = _pad(tokenizer, [{"input_ids": p.ids} for p in batch], device, side="left")
-            mask = padded["attention_mask"]
+            padded = _pad(tokenizer, [{"input_ids": p.ids[len(shared):]} for p in batch], device, side="left")
+            own = padded["attention_mask"]
             # Left padding: positions must count real tokens only, as in the brute force's right-padded rows.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = len(shared) + (own.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([own.new_ones((len(batch), len(shared))), own], dim=-1)
+            cache = {} if shared_cache is None else {
+                cache_name: _cache_rows(shared_cache, torch.zeros(len(batch), dtype=torch.long, device=device))}
             out = model(input_ids=padded["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
-                        **({"logits_to_keep": 1} if keeps_logits else {}))
+                        **cache, **keep)
             cache = getattr(out, cache_name)
             first = out.logits[:, -1].float().log_softmax(-1).cpu()
             rows = [(b, p.example, j) for b, p in enumerate(batch) for j in p.labels if answers[p.example][j]]
             b, i, j = (torch.tensor(column) for column in zip(*rows))
             total[i, j] = first[b, torch.tensor([answers[r][c][0] for _, r, c in rows])]
             count[i, j] = torch.tensor([len(answers[r][c]) for _, r, c in rows])
-            rows = sorted((r for r in rows if len(answers[r[1]][r[2]]) > 1), key=lambda r: -len(answers[r[1]][r[2]]))
-            step = batch_size * CONTINUATIONS_PER_EXAMPLE
-            for start in range(0, len(rows), step):
-                chunk = rows[start:start + step]
-                logprob = _continuation_logprobs(model, cache, mask, positions[:, -1],
-                                                 [answers[i][j] for _, i, j in chunk],
-                                                 torch.tensor([b for b, _, _ in chunk], device=device),
-                                                 tokenizer.pad_token_id, cache_name, keeps_logits)
-                for (_, i, j), value in zip(chunk, logprob.tolist()):
-                    total[i, j] += value
+            # The labels with more than one token, in groups of about ANSWER_TOKENS_PER_FORWARD tokens.
+            longer = [j for j in range(len(labels)) if any(len(answers[p.example][j]) > 1 for p in batch)]
+            for group in _groups(longer, lambda j: max(len(answers[p.example][j]) - 1 for p in batch)):
+                sums = _continuation_logprobs(model, cache, mask, positions[:, -1],
+                                              [[answers[p.example][j] for j in group] for p in batch],
+                                              tokenizer.pad_token_id, cache_name, keeps_logits)
+                for b, p in enumerate(batch):
+                    total[p.example, group] += sums[b]
     return total, count
 
 
-def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: list[list[int]], rows,  # noqa: ANN001, ANN202
-                           pad_id: int, cache_name: str, keeps_logits: bool):
-    """Summed log-probs of each answer's tokens after the first, run on a copy of its prompt's cache.
+def _groups(items: list[int], size: Callable[[int], int]) -> list[list[int]]:
+    """``items`` in consecutive groups of at most ANSWER_TOKENS_PER_FORWARD in ``size`` (at least one item each)."""
+    groups: list[list[int]] = []
+    used = ANSWER_TOKENS_PER_FORWARD
+    for item in items:
+        if used + size(item) > ANSWER_TOKENS_PER_FORWARD:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += size(item)
+    return groups
 
-    ``rows`` picks each answer's prompt in the prompt batch (repeats allowed); answers are sorted
-    longest first, so right padding wastes little.
+
+def _shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The token ids every prompt starts with, leaving each prompt at least one token of its own.
+
+    Its own last token is what scores the labels' first tokens; a single prompt shares nothing.
+    """
+    if len(prompts) < 2:
+        return []
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n]
+
+
+def _cache_rows(cache, rows=None):  # noqa: ANN001, ANN202
+    """A copy of ``cache`` (holding its batch rows ``rows``, repeats allowed); ``cache`` is left as it was.
+
+    Shallow copies whose layers get new tensors (a forward appends by concatenating): the original
+    keeps serving later batches and label groups.
     """
     import copy
 
-    import torch
-
-    width = len(answers[0]) - 1
-    device = prompt_mask.device
-    inputs = torch.tensor([a[:-1] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
-    targets = torch.tensor([a[1:] + [pad_id] * (width + 1 - len(a)) for a in answers], device=device)
-    scored = torch.tensor([[k < len(a) - 1 for k in range(width)] for a in answers], device=device)
-    # The prompt cache serves later chunks too: select rows on shallow copies (new tensors), not in place.
     rows_cache = copy.copy(cache)
     rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
-    rows_cache.batch_select_indices(rows)
-    mask = torch.cat([prompt_mask[rows], scored.long()], dim=-1)
-    positions = last_positions[rows, None] + 1 + torch.arange(width, device=device)
-    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{cache_name: rows_cache}, **({"logits_to_keep": 0} if keeps_logits else {}))
+    if rows is not None:
+        rows_cache.batch_select_indices(rows)
+    return rows_cache
+
+
+def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: list[list[list[int]]],  # noqa: ANN001, ANN202
+                           pad_id: int, cache_name: str, keeps_logits: bool):
+    """(prompts × answers) summed log-probs of each answer's tokens after the first.
+
+    ``answers[b]`` are prompt ``b``'s answers; their tokens but the last run side by side in one
+    row after a copy of the prompt's cache, at the positions that follow the prompt. The attention
+    mask (4-D, additive) lets a token see the prompt's real tokens and the earlier tokens of its
+    own answer, nothing else: each answer is scored as if it ran alone after the prompt.
+    """
+    import torch
+
+    device = prompt_mask.device
+    width = max(sum(max(len(a) - 1, 0) for a in row) for row in answers)
+    inputs = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    block = torch.full((len(answers), width), -1, dtype=torch.long)  # which answer a column holds
+    offset = torch.zeros((len(answers), width), dtype=torch.long)  # the column's place in its answer
+    for b, row in enumerate(answers):
+        column = 0
+        for n, answer in enumerate(row):
+            k = max(len(answer) - 1, 0)
+            inputs[b, column:column + k] = torch.tensor(answer[:-1][:k])
+            targets[b, column:column + k] = torch.tensor(answer[1:])
+            block[b, column:column + k], offset[b, column:column + k] = n, torch.arange(k)
+            column += k
+    inputs, targets, block, offset = (t.to(device) for t in (inputs, targets, block, offset))
+    real = block >= 0
+    columns = torch.arange(width, device=device)
+    sees_own = (block[:, :, None] == block[:, None, :]) & real[:, None, :] & (columns[None, :] <= columns[:, None])[None]
+    sees = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, width, -1), sees_own], dim=-1)[:, None]
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(sees.shape, device=device).masked_fill(~sees, torch.finfo(torch.float32).min)
+    else:  # SDPA takes a boolean mask (True: may attend) whatever the compute dtype
+        mask = sees
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=last_positions[:, None] + 1 + offset,
+                use_cache=True, **{cache_name: _cache_rows(cache)}, **({"logits_to_keep": 0} if keeps_logits else {}))
     logprob = out.logits[:, -width:].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    return (logprob * scored).sum(-1)
+    sums = torch.zeros((len(answers), max(len(row) for row in answers) + 1), device=device)
+    sums.scatter_add_(1, torch.where(real, block, sums.size(1) - 1), logprob * real)  # padding: the last column
+    return sums[:, :-1].cpu()
 
 
 def _forward_arguments(model) -> tuple[str, bool]:  # noqa: ANN001

@@ -165,6 +165,19 @@ def render_answer(tokenizer, example: Example, answer: str) -> str:  # noqa: ANN
     return answer + (tokenizer.eos_token or "")
 
 
+def scored_answer(tokenizer, example: Example, label: str) -> str:  # noqa: ANN001
+    """What label scoring scores after the prompt: the label and the end-of-turn marker.
+
+    :func:`render_answer` without the whitespace some chat templates put after the end-of-turn
+    marker (SmolLM2's and Qwen's ``<|im_end|>\n``): it follows the end of the answer, so it says
+    nothing about the label, and it would cost one more token per label. A template whose only end
+    marker is whitespace keeps it.
+    """
+    text = render_answer(tokenizer, example, label)
+    at = text.rfind(label)
+    return text.rstrip() if at >= 0 and text[at + len(label):].strip() else text
+
+
 def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None = None,  # noqa: ANN001
                   reserve: int = 0) -> dict[str, list[int]]:
     """input_ids = prompt + answer; labels mask the prompt with -100 so only the answer is learned.
@@ -173,7 +186,8 @@ def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None 
     the prompt loses its first tokens, keeping the text nearest the answer (the input and the
     assistant header); the answer keeps at most half of ``max_len``. ``reserve`` keeps room for an
     answer that long instead (label scoring: every label is scored after the same cut of the
-    prompt, the one the longest label leaves). A conversation (``example.messages``) is encoded by
+    prompt, the one the longest label leaves). ``answer``: a label to score instead of the target
+    (see :func:`scored_answer`). A conversation (``example.messages``) is encoded by
     :func:`encode_conversation` instead.
     """
     if example.messages:
@@ -182,7 +196,8 @@ def encode_causal(tokenizer, example: Example, max_len: int, answer: str | None 
             messages[-1] = {"role": "assistant", "content": answer}
         return encode_conversation(tokenizer, messages, max_len)
     prompt_ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
-    answer_text = render_answer(tokenizer, example, example.target if answer is None else answer)
+    answer_text = (render_answer(tokenizer, example, example.target) if answer is None
+                   else scored_answer(tokenizer, example, answer))
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][: max_len // 2]
     room = max_len - max(len(answer_ids), min(reserve, max_len // 2))
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):]

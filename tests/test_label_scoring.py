@@ -76,6 +76,68 @@ def test_fast_path_equals_brute_force(model, tokenizer, labels, max_len):
     assert_same_scores(fast, brute)
 
 
+#: One system prompt and instruction, inputs of different lengths: most of every prompt is shared.
+SHARED_PROMPT = [Example(text, label, instruction="這句話的情緒是？回答：開心、難過、生氣、驚訝或害怕。",
+                         system="You label emotions.")
+                 for text, label in [("今天終於放假了，好開心", "開心"), ("嗯", "驚訝"), ("what?", "驚訝"),
+                                     ("I waited two hours and nobody came, I am so angry", "生氣"),
+                                     ("好難過啊，真的很難過", "難過")]]
+
+
+@pytest.mark.parametrize("labels", [DISTINCT_FIRST, SHARED_FIRST], ids=["distinct first tokens", "shared first tokens"])
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_fast_path_equals_brute_force_when_the_prompts_share_their_start(model, tokenizer, labels, batch_size):
+    from ftkit.evaluator import _label_prompts, _shared_prefix
+
+    prompts, _ = _label_prompts(tokenizer, SHARED_PROMPT, labels, 256)
+    shared = _shared_prefix([p.ids for p in prompts])
+    # The shared start (run once for all batches) is most of the shortest prompt, and never all of it.
+    assert len(prompts[1].ids) * 3 // 4 < len(shared) < len(prompts[1].ids)
+    fast = label_scores(model, tokenizer, SHARED_PROMPT, labels, batch_size, 256, "fast")
+    brute = label_scores_brute_force(model, tokenizer, SHARED_PROMPT, labels, batch_size, 256, "brute")
+    assert_same_scores(fast, brute)
+    # One example alone shares its prompt with nobody, and scores the same as in company.
+    alone = label_scores(model, tokenizer, SHARED_PROMPT[3:4], labels, batch_size, 256, "alone")
+    torch.testing.assert_close(alone, brute[3:4], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("tokens_per_forward", [64, 3], ids=["labels in one forward", "labels in groups"])
+def test_fast_path_equals_brute_force_with_each_attention_and_label_grouping(tokenizer, monkeypatch, attention,
+                                                                            tokens_per_forward):
+    from transformers import AutoModelForCausalLM
+
+    from ftkit import evaluator
+
+    monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", tokens_per_forward)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32,
+                                                 attn_implementation=attention).eval()
+    assert model.config._attn_implementation == attention
+    for examples in (SHARED_PROMPT, EXAMPLES):
+        fast = label_scores(model, tokenizer, examples, SHARED_FIRST, 2, 256, "fast")
+        brute = label_scores_brute_force(model, tokenizer, examples, SHARED_FIRST, 2, 256, "brute")
+        assert_same_scores(fast, brute)
+
+
+def test_groups_hold_at_most_the_token_budget_and_every_label_once(monkeypatch):
+    from ftkit import evaluator
+
+    monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 5)
+    sizes = {0: 2, 1: 3, 2: 1, 3: 7, 4: 5, 5: 1}
+    assert evaluator._groups(list(sizes), sizes.get) == [[0, 1], [2], [3], [4], [5]]
+    assert evaluator._groups([], sizes.get) == []
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    from ftkit.evaluator import _shared_prefix
+
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == [1, 2, 3]
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
+    assert _shared_prefix([[1, 2], [1, 2]]) == [1]
+    assert _shared_prefix([[9, 2], [1, 2]]) == []
+    assert _shared_prefix([[1, 2, 3]]) == []
+
+
 @pytest.mark.parametrize("score", ["sum", "mean"])
 @pytest.mark.parametrize("calibrate", [False, True], ids=["raw", "calibrated"])
 def test_fast_path_equals_brute_force_with_every_score_option(model, tokenizer, score, calibrate):
