@@ -250,7 +250,8 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             if pa.types.is_dictionary(column.dictionary.type):
                 column = pc.dictionary_encode(column.dictionary.take(column.indices)).combine_chunks()
             blank_values = np.array([not (v or "").strip() for v in column.dictionary.to_pylist()] or [False])
-            blank = blank_values[pc.fill_null(column.indices, 0).to_numpy(zero_copy_only=False)]
+            codes = column.indices if not column.indices.null_count else pc.fill_null(column.indices, 0)
+            blank = blank_values[codes.to_numpy(zero_copy_only=False)]
         else:  # no trimmed copy of the text: utf8_is_space agrees with utf8_trim_whitespace
             blank = pc.fill_null(pc.or_(pc.utf8_is_space(column), pc.equal(column, pa.scalar("", column.type))),
                                  False).to_numpy(zero_copy_only=False)
@@ -260,7 +261,7 @@ def _flat(task: Task, source: Source, mapping: DataMapping, fail: Callable[[str]
             bad |= empty
         columns[spec.name] = column
     out = pa.table(columns) if columns else pa.table({"_": pa.nulls(n)})
-    out = out.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
+    out = out.append_column("_row", pa.array(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)))
     if bad.any():
         out = _keep_rows(out, ~bad)
     group = _group_column(task, source, mapping, out, chosen)

@@ -30,6 +30,7 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
     rows go through scikit-learn's StratifiedGroupKFold / GroupShuffleSplit.
     """
     import numpy as np
+    import pyarrow.compute as pc
 
     n = len(data)
     if n < 2:
@@ -45,9 +46,10 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
         _, group_ids = _sorted_codes(table.column("_group"))
         grouped = group_ids.max() + 1 < n
     else:  # source records, in order: several rows per record only where a record gave several
-        rows = table.column("_row").to_numpy()
-        grouped = bool(len(rows) > 1 and not (rows[1:] > rows[:-1]).all())
-        group_ids = np.unique(rows, return_inverse=True)[1] if grouped else None
+        rows = table.column("_row")
+        # Compared in Arrow (a bit per row), not as a row-sized numpy copy of the column.
+        grouped = n > 1 and not pc.all(pc.greater(rows.slice(1), rows.slice(0, n - 1))).as_py()
+        group_ids = np.unique(rows.to_numpy(), return_inverse=True)[1] if grouped else None
     label_values, labels = _sorted_codes(table.column("label")) if stratify else (None, None)
     label_names = label_values.to_pylist() if stratify else []
     index = np.arange(n) if grouped else None
@@ -72,15 +74,15 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
                                   math.ceil(test_size * n), seed, at_least_one=labels is not None)
         test_mask = np.zeros(n, dtype=bool)
         test_mask[chosen] = True
-        train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
-    if labels is not None:
+        train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)  # sorted already
+    if grouped and labels is not None:  # the ungrouped draw keeps every class on both sides by construction
         missing = [str(label_names[code]) for code in np.setdiff1d(labels[train], labels[test])]
         if missing:
             raise DataError(f"{data.source}: label(s) {', '.join(missing)} would be missing from the test split "
                             f"(rows are kept together by group); add examples or raise {what}")
     if not len(train) or not len(test):
         raise DataError(f"{what}: a {test_size:.0%} split of {n} examples leaves one side empty; change it or add data")
-    return np.sort(train), np.sort(test)
+    return (np.sort(train), np.sort(test)) if grouped else (train, test)
 
 
 def _sorted_codes(column) -> tuple[pa.Array, np.ndarray]:  # noqa: ANN001 - a pyarrow (Chunked)Array
@@ -96,14 +98,15 @@ def _sorted_codes(column) -> tuple[pa.Array, np.ndarray]:  # noqa: ANN001 - a py
     indices = encoded.indices.to_numpy(zero_copy_only=False)
     # A dictionary column (labels) may list values no row holds any more (after a take): keep the used.
     used = np.flatnonzero(np.bincount(indices, minlength=len(encoded.dictionary)))
-    compact = np.full(len(encoded.dictionary), -1, dtype=np.int64)
-    compact[used] = np.arange(len(used))
-    indices = compact[indices]
     values = encoded.dictionary.take(pa.array(used))
     order = pc.array_sort_indices(values, null_placement="at_end").to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return values.take(pa.array(order)), rank[indices]
+    # Each dictionary entry's rank among the used values, then one lookup per row: a single
+    # row-sized int32 array (a 200,000-row file notices every row-sized temporary).
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    code_of = np.full(len(encoded.dictionary), -1, dtype=np.int32)
+    code_of[used] = rank
+    return values.take(pa.array(order)), code_of[indices]
 
 
 def _check_stratifiable(names: list, labels: np.ndarray, n: int, test_size: float, what: str, grouped: bool) -> None:
