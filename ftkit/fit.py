@@ -105,7 +105,21 @@ def check_fit(shape: ModelShape, settings: Settings, free: int, where: str, *, a
 
 
 def describe(result: Estimate) -> str:
-    """One line: the peak and its biggest parts."""
+    """One line: the peak and every part of it at its phase of the step, adding up to the total.
+
+    At the start of the backward pass the parts are weights, optimizer states, activations,
+    logits/loss and the gradients already there; at the optimizer step, weights, states and the
+    gradients with the update's buffers. Overhead (allocator slack, CUDA context, DDP buckets) is
+    named, not hidden.
+    """
     c = result.components
-    return (f"{c['total'] / 1e9:.2f} GB peak (weights {c['weights'] / 1e9:.2f} GB, activations "
-            f"{(c['activations_layers'] + c['activations_other']) / 1e9:.2f} GB, logits/loss {c['logits_loss'] / 1e9:.2f} GB)")
+    parts = [("weights", c["weights"]), ("optimizer states", c["optimizer_states"])]
+    if result.peak_phase.startswith("backward"):
+        parts += [("activations", c["activations_layers"] + c["activations_other"]), ("logits/loss", c["logits_loss"])]
+        rest = "gradients"
+    else:
+        rest = "gradients and update buffers"
+    parts.append((rest, c["total"] - c["overhead"] - sum(value for _, value in parts)))
+    parts.append(("overhead", c["overhead"]))
+    shown = " + ".join(f"{name} {value / 1e9:.2f}" for name, value in parts)
+    return f"{c['total'] / 1e9:.2f} GB peak ({result.peak_phase.split(' (')[0]}) = {shown} GB"

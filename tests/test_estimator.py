@@ -53,6 +53,26 @@ def test_json_is_stable_and_adds_up():
     assert all("formula" in term for term in data["detail"]["activations_per_layer"])
 
 
+@pytest.mark.parametrize("settings", [Settings(seq=256, batch=4, method="qlora"),
+                                      Settings(seq=64, batch=1, method="full", device="cuda"),
+                                      Settings(seq=2048, batch=8, method="lora", gpus=2)],
+                         ids=["qlora", "full: the optimizer step peaks", "lora on 2 GPUs"])
+def test_the_one_line_memory_summary_shows_every_part_and_they_add_up(settings):
+    import re
+
+    from ftkit.fit import describe
+
+    result = estimate(resolve_shape("1.5B"), settings)
+    line = describe(result)
+    total, phase, parts = re.fullmatch(r"([\d.]+) GB peak \((.+)\) = (.+) GB", line).groups()
+    assert result.peak_phase.startswith(phase)
+    shown = dict((name, float(value)) for name, value in re.findall(r"([a-z/ ]+?) ([\d.]+)(?: \+ |$)", parts))
+    assert {"weights", "optimizer states", "overhead"} <= set(shown)
+    assert ("activations" in shown) == phase.startswith("backward")
+    assert float(total) == pytest.approx(sum(shown.values()), abs=0.006 * len(shown))  # each part rounded
+    assert float(total) == round(result.total / 1e9, 2)
+
+
 def test_explain_substitutes_the_numbers():
     done = run_ftkit("estimate", "--model", "0.5B", "--seq", "128", "--batch", "2", "--explain")
     assert done.returncode == 0, done.stderr
