@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,41 +30,89 @@ def resolve_model_path(recipe: Recipe, echo: Echo = print) -> Path:
 
         return gguf_model_path(gguf_file_path(recipe), requested_dtype=model.dtype, echo=echo)
     if model.source == "local":
-        path = Path(model.id).expanduser()
-        if not path.is_absolute() and recipe.path is not None:
-            path = (recipe.path.parent / path).resolve()
+        path = model_id_path(recipe)
         if not (path / "config.json").is_file():
             raise ModelError(f"model.id: {path} is not a model folder (no config.json); check the path")
         return path
-    revision = model.revision or None
     if model.source == "modelscope":
-        from modelscope import snapshot_download
+        return _modelscope_model_path(model.id, model.revision or None, echo)
+    return _huggingface_model_path(model.id, model.revision or None, echo)
 
-        # Offline, snapshot_download retries for ~22 s even when the model is cached; the cache
-        # look-up first answers at once when it can.
-        try:
-            return Path(snapshot_download(model.id, revision=revision, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached: fall through to the download
-            pass
-        echo(f"Downloading {model.id} from ModelScope ...")
-        try:
-            return Path(snapshot_download(model.id, revision=revision))
-        except Exception as error:  # noqa: BLE001
-            raise ModelError(
-                f"model.id: could not download {model.id!r} from ModelScope ({type(error).__name__}); "
-                "offline? download it on a connected machine and set model.source = \"local\" with its folder"
-            ) from error
-    from huggingface_hub import snapshot_download as hf_snapshot_download
 
+def _modelscope_model_path(model_id: str, revision: str | None, echo: Echo) -> Path:
+    """The cached folder, else a download; offline, a one-line error within seconds, and nothing left behind."""
+    from ftkit import hub
+
+    cached = hub.modelscope_cached_model(model_id, revision)
+    if cached is not None:
+        return cached
+    offline_hint = "offline? download it on a connected machine and set model.source = \"local\" with its folder"
+    why = hub.unreachable(hub.modelscope_endpoint())
+    if why:
+        raise ModelError(f"model.id: {model_id!r} is not in the ModelScope cache and {why}; {offline_hint}")
+    from modelscope import snapshot_download
+
+    hub.quiet_modelscope()
+    echo(f"Downloading {model_id} from ModelScope ...")
+    name = model_id.rpartition("/")[2]
     try:
-        return Path(hf_snapshot_download(model.id, revision=revision))
-    except Exception as error:  # noqa: BLE001
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        with (hub.removed_on_failure(hub.modelscope_cache_root(), (name, name.replace(".", "___"))),
+              hub.removed_on_failure(hub.modelscope_config_dir())):  # its session file, first contact
+            return Path(snapshot_download(model_id, revision=revision))
+    except Exception as error:  # noqa: BLE001 - the hub client raises many unrelated types
+        raise ModelError(f"model.id: could not download {model_id!r} from ModelScope ({type(error).__name__}); "
+                         f"{offline_hint}") from error
+
+
+def _huggingface_model_path(model_id: str, revision: str | None, echo: Echo) -> Path:
+    """The hub's current snapshot (the cached one when the hub cannot be reached); one-line errors."""
+    from huggingface_hub import constants, snapshot_download
+
+    from ftkit import hub
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub.unreachable(constants.ENDPOINT)
+    try:
+        with hub.removed_on_failure(hub.huggingface_cache_root(), (f"models--{model_id.replace('/', '--')}",)):
+            return Path(snapshot_download(model_id, revision=revision, local_files_only=bool(why)))
+    except Exception as error:  # noqa: BLE001 - the hub client raises many unrelated types
         raise ModelError(
-            f"model.id: {model.id!r} is not in the Hugging Face cache"
-            + (" and HF_HUB_OFFLINE=1" if offline else f" and could not be downloaded ({type(error).__name__})")
+            f"model.id: {model_id!r} is not in the Hugging Face cache and "
+            + (why or f"could not be downloaded ({type(error).__name__})")
             + "; download it first or set model.source = \"local\" with its folder"
         ) from error
+
+
+def model_location(recipe: Recipe) -> str:
+    """Where ``model.id`` is: built in, local, already in a hub cache, or still to download.
+
+    Reads the file system only (no network, no torch or hub client), for `validate` and `--dry-run`.
+    """
+    from ftkit import hub
+
+    model = recipe.model
+    if model.source == "builtin" and model.id == "ftkit/tiny-qwen2":
+        return "built in (generated into ftkit's cache on first use, no download)"
+    if model.source == "builtin":
+        from ftkit.gguf import builtin_gguf_file
+
+        try:
+            return f"built in (GGUF file {builtin_gguf_file(model.id)}, no download)"
+        except ModelError as error:
+            return f"built in, but not installed: {error.message.removeprefix('model.id: ')}"
+    if is_gguf_source(recipe):
+        path = gguf_file_path(recipe)
+        return f"local GGUF file {path}" if path.is_file() else f"missing: no GGUF file at {path}"
+    if model.source == "local":
+        path = model_id_path(recipe)
+        return f"local folder {path}" if (path / "config.json").is_file() else f"missing: no config.json in {path}"
+    revision = model.revision or None
+    if model.source == "modelscope":
+        cached = hub.modelscope_cached_model(model.id, revision)
+        missing = f"needs a download from ModelScope (not in its cache {hub.modelscope_cache_root()})"
+    else:
+        cached = hub.huggingface_cached_model(model.id, revision)
+        missing = f"needs a download from the Hugging Face hub (not in its cache {hub.huggingface_cache_root()})"
+    return f"cached: {cached}" if cached is not None else missing
 
 
 def is_gguf_source(recipe: Recipe) -> bool:
@@ -76,6 +123,11 @@ def is_gguf_source(recipe: Recipe) -> bool:
 
 def gguf_file_path(recipe: Recipe) -> Path:
     """The GGUF file ``model.id`` names, relative to the recipe file when not absolute."""
+    return model_id_path(recipe)
+
+
+def model_id_path(recipe: Recipe) -> Path:
+    """The local path ``model.id`` names (a folder or a GGUF file), relative to the recipe file when not absolute."""
     path = Path(recipe.model.id).expanduser()
     if not path.is_absolute() and recipe.path is not None:
         path = (recipe.path.parent / path).resolve()
@@ -114,13 +166,15 @@ def compute_dtype(recipe: Recipe):  # noqa: ANN201 - a torch.dtype
     return torch.float32
 
 
-def _keep_4bit_weights_trainable_on_cpu(model) -> None:  # noqa: ANN001
+def keep_4bit_weights_trainable_on_cpu(model) -> None:  # noqa: ANN001
     """Stop bitsandbytes repacking 4-bit weights for CPU inference in a model that is trained.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a Linear4bit's weights into an
     inference-only layout the first time it runs in eval mode, and never back: training after the
     baseline evaluation then fails ("a view of a leaf Variable ... in-place operation"). The
-    packed layout only speeds up inference, so a model ftkit trains keeps the plain layout.
+    packed layout only speeds up inference, so a model ftkit trains keeps the plain layout, and a
+    finished QLoRA run is loaded with it too (``use.load_model``): the packed kernel rounds
+    differently, and ``ftkit eval`` must reproduce the run's metrics.json exactly.
     """
     try:
         from bitsandbytes.nn import Linear4bit
@@ -171,7 +225,7 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
                 model, use_gradient_checkpointing=recipe.train.activation_checkpointing
             )
             if not cuda:
-                _keep_4bit_weights_trainable_on_cpu(model)
+                keep_4bit_weights_trainable_on_cpu(model)
                 notices.append("QLoRA on CPU: bitsandbytes 4-bit NF4 runs here, but slowly; "
                                "compute in float32 (no fast bf16 on this CPU)")
         except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many backend-specific ways

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -224,8 +225,10 @@ def load_model(run: RunFolder, *, quantized: bool = True, dtype: str = "auto", d
     """(model, tokenizer): the base with the adapter on top (or the full model), in eval mode.
 
     ``quantized=False`` loads a QLoRA run's base unquantized in the compute dtype (for merging).
-    ``device`` defaults to the GPU when there is one.
+    ``device`` defaults to the GPU when there is one. Says what it loads, and then how long that took
+    (torch's import included: the wait before a first prediction).
     """
+    started = time.perf_counter()
     import torch
 
     from ftkit.modeling import compute_dtype, load_tokenizer
@@ -234,6 +237,8 @@ def load_model(run: RunFolder, *, quantized: bool = True, dtype: str = "auto", d
     tokenizer = load_tokenizer(run.weights, run.recipe)
     torch_dtype = compute_dtype(run.recipe) if dtype == "auto" else getattr(torch, dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    what = f"{run.recipe.model.id} with the run's adapter" if run.is_adapter else f"the fine-tuned model {run.weights}"
+    echo(f"Loading {what}{' in 4-bit' if run.method == 'qlora' and quantized else ''} on {device} ...")
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": run.recipe.model.trust_remote_code}
     if run.head == "classifier":
         kwargs.update(num_labels=len(run.labels), id2label=dict(enumerate(run.labels)),
@@ -257,6 +262,7 @@ def load_model(run: RunFolder, *, quantized: bool = True, dtype: str = "auto", d
             model = PeftModel.from_pretrained(model, run.weights)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise ModelError(f"{run.weights}: cannot load the adapter onto {source}: {error}") from error
+    echo(f"Loaded in {time.perf_counter() - started:.1f} s")
     return model.eval(), tokenizer
 
 
@@ -267,12 +273,17 @@ def _load_4bit(source: Path, kwargs: dict[str, Any], head: str, device: str, ech
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=kwargs["dtype"])
     try:
-        return _model_class(head).from_pretrained(source, quantization_config=quant,
-                                                  device_map={"": 0} if device == "cuda" else None, **kwargs)
+        model = _model_class(head).from_pretrained(source, quantization_config=quant,
+                                                   device_map={"": 0} if device == "cuda" else None, **kwargs)
     except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many backend-specific ways
         echo(f"Notice: 4-bit loading unavailable here ({type(error).__name__}); using the unquantized base, "
              "so results can differ slightly from the run's")
         return None
+    if device != "cuda":
+        from ftkit.modeling import keep_4bit_weights_trainable_on_cpu
+
+        keep_4bit_weights_trainable_on_cpu(model)  # the run's 4-bit kernel, so its numbers reproduce exactly
+    return model
 
 
 # -- predict / evaluate --------------------------------------------------------------------------
@@ -419,7 +430,7 @@ def merge(run: RunFolder, out: str | Path, *, overwrite: bool = False, dtype: st
         raise UsageError(f"{out}: is a file; give a folder to write the merged model to")
     if out.resolve() == run.path.resolve() or out.resolve() in run.path.resolve().parents:
         raise UsageError(f"{out}: holds the run folder {run.path}; write the merged model somewhere else")
-    echo(f"Loading {run.path} ({run.task.name}, {run.head} head, {run.method}) ...")
+    echo(f"Run {run.path}: {run.task.name}, {run.head} head, {run.method}")
     if run.method == "qlora":
         echo("Notice: QLoRA run: merging into the base loaded unquantized (dequantized) in the compute dtype; "
              "its outputs differ slightly from the 4-bit model the adapter was trained on")

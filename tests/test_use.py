@@ -176,6 +176,29 @@ def test_predict_to_stdout(classifier_run, tmp_path):
     assert row["prediction"] in LABELS and set(row) == {"source", "input", "prediction", "probabilities"}
 
 
+def test_predict_into_a_pipe_closed_early_stops_quietly_and_says_what_it_loads(classifier_run, tmp_path):
+    """`ftkit predict RUN FILE -o - | head -1`: exit 0 and no error text; status lines on stderr only."""
+    import re
+    import shlex
+
+    # Each output line repeats its ~1 KB input: 200 of them overflow the pipe's 64 KiB buffer, so a
+    # write after `head` has gone fails for certain (the model reads only the first 64 tokens).
+    line = json.dumps({"input": "他把我的書撕了，我氣得發抖。" * 25}, ensure_ascii=False)
+    data = tmp_path / "long.jsonl"
+    data.write_text((line + "\n") * 200, encoding="utf-8")
+    errors = tmp_path / "stderr.txt"
+    predict = shlex.join([sys.executable, "-m", "ftkit", "predict", str(classifier_run), str(data), "-o", "-"])
+    script = f'{predict} 2>{shlex.quote(str(errors))} | head -1; exit "${{PIPESTATUS[0]}}"'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, check=False)
+    stderr = errors.read_text(encoding="utf-8")
+    assert done.returncode == 0, stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["prediction"] in LABELS
+    assert not re.search("Error|Exception|Traceback", stderr), stderr
+    assert "Loading ftkit/tiny-qwen2 with the run's adapter on cpu ...\n" in stderr
+    assert re.search(r"^Loaded in \d+\.\d s$", stderr, re.MULTILINE), stderr
+
+
 def test_eval_on_another_file_in_the_tasks_layout(classifier_run, tmp_path):
     data = tmp_path / "labelled.jsonl"
     rows = [{"text": "地震來的時候我嚇得躲到桌子底下。", "emotion": "恐懼"},
@@ -419,9 +442,6 @@ def test_eval_reproduces_a_generation_runs_metrics_byte_for_byte(runs_dir, sampl
     assert evaluated.exit_code == 0, evaluated.output
     recorded = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["finetuned"]
     again = json.loads(evaluated.stdout)["metrics"]
-    # The replies, hence BLEU, chrF and ROUGE-L, are reproduced exactly. Perplexity differs in its
-    # 7th significant digit: the adapter reloaded from safetensors sums the same NLLs in another
-    # floating-point order than the model still in memory after training.
-    ppl, ppl_again = recorded.pop("perplexity"), again.pop("perplexity")
+    # Perplexity too: a QLoRA run reloaded on a CPU with AVX512-BF16 must run the same 4-bit kernel
+    # as the run did, or its 7th significant digit differs.
     assert json.dumps(again, sort_keys=True) == json.dumps(recorded, sort_keys=True)
-    assert ppl_again == pytest.approx(ppl, rel=1e-5)

@@ -8,6 +8,7 @@ import sys
 import click
 
 from ftkit import __version__, distributed
+from ftkit.cli.output import quiet_closed_stdout
 from ftkit.errors import FtkitError
 
 EPILOG = """\b
@@ -53,7 +54,14 @@ class FtkitGroup(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
         debug = ctx.params.get("debug") or os.environ.get("FTKIT_DEBUG") == "1"
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit flush
+            return result
+        except BrokenPipeError:
+            # `ftkit predict RUN FILE -o - | head -1`: the reader has what it wanted. Stop quietly
+            # and successfully, as command-line tools do when their output pipe closes.
+            quiet_closed_stdout()
+            ctx.exit(0)
         except FtkitError as error:
             if debug:
                 raise

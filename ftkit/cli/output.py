@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import unicodedata
 from collections.abc import Sequence
@@ -41,3 +42,19 @@ def warn(message: str) -> None:
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def quiet_closed_stdout() -> None:
+    """Point stdout at the null device once its reader has gone (a pipe into ``head``).
+
+    Python flushes stdout at exit, and writing into the closed pipe again would print "Exception
+    ignored ... BrokenPipeError" there: this is the remedy Python's documentation gives (signal
+    module, "Note on SIGPIPE").
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file: a test runner's buffer
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -53,7 +53,7 @@ def predict(run_dir: Path, input_path: Path, output: Path, batch_size: int | Non
 
     run = use.open_run(run_dir)
     rows = use.read_inputs(run, input_path)  # bad rows fail before the model loads
-    _status(f"Loading {run.path} ({run.task.name}, {run.head} head, {run.method}) ...")
+    _status(f"Run {run.path}: {run.task.name}, {run.head} head, {run.method}")
     model, tokenizer = use.load_model(run, echo=_status)
     results = use.predict(model, tokenizer, run, rows, batch_size)
     if str(output) == "-":
@@ -90,7 +90,7 @@ def eval_command(run_dir: Path, data_path: Path | None, batch_size: int | None, 
         raise UsageError(f"{run.path}: no data/test.jsonl in this run folder; give a labelled file with --data")
     data_path = run.test_split if own_split else data_path
     rows = use.read_inputs(run, data_path, need_target=True)
-    _status(f"Loading {run.path} ({run.task.name}, {run.head} head, {run.method}) ...")
+    _status(f"Run {run.path}: {run.task.name}, {run.head} head, {run.method}")
     model, tokenizer = use.load_model(run, echo=_status)
     metrics = use.evaluate(model, tokenizer, run, rows, batch_size)["metrics"]
     if as_json:
@@ -154,7 +154,7 @@ def chat(run_dir: Path, system: str | None, max_new_tokens: int | None, temperat
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise UsageError("chat: stdin is empty; pipe a prompt (echo 你好 | ftkit chat RUN) or run it in a terminal")
-    _status(f"Loading {run.path} ({run.task.name}, {run.method}) ...")
+    _status(f"Run {run.path}: {run.task.name}, {run.method}")
     model, tokenizer = use.load_model(run, echo=_status)
     if seed is not None:
         from transformers import set_seed
