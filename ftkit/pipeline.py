@@ -26,9 +26,10 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ftkit import distributed
+from ftkit.console import Console
 from ftkit.errors import ConfigError, FtkitError, UsageError
 from ftkit.recipe import Recipe
 from ftkit.tasks import Task
@@ -36,19 +37,24 @@ from ftkit.tasks import Task
 #: The models a fine-tuned model is judged against (the best of those that ran); never the random head.
 BASELINES = ("majority", "zero_shot")
 
+T = TypeVar("T")
+
 
 class FineTuneRun:
     """A recipe run: each step a short method, called in order by :meth:`run`."""
 
     def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, auto_fit: bool = False,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Console | Callable[[str], None] = print) -> None:
+        """``echo``: a :class:`~ftkit.console.Console` (quiet, JSON), or where to print each line."""
         from ftkit.plugins import get_task
 
         self.recipe = recipe
         self.overwrite = overwrite
         self.resume = resume
         self.auto_fit = auto_fit
-        self.echo = echo if distributed.is_main() else _silent
+        # Called with a plain line, or .event() for the lines scripts want as numbers too.
+        self.echo = (echo if isinstance(echo, Console) else Console(write=echo)) if distributed.is_main() \
+            else Console(write=_silent, live=False)
         self.world_size = distributed.world_size()
         self.task: Task = get_task(recipe.task.name)
         self.head = recipe.train.head if recipe.train.head != "auto" else self.task.default_head
@@ -72,7 +78,7 @@ class FineTuneRun:
             self.baselines = self.evaluate_baselines()
             training = True
             self.train()
-            self.finetuned = self.evaluate("fine-tuned")
+            self.finetuned = self.evaluate("finetuned")
             self.finetuned["showcase"] = self.answer_showcase(self.model, self.head)
             distributed.on_main(self.save)
         except BaseException as error:
@@ -98,7 +104,8 @@ class FineTuneRun:
         where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved yet (see train.save_steps)"
         what = "Interrupted" if isinstance(error, KeyboardInterrupt) else "Run stopped"
         same = f" (with the same {self.world_size} processes)" if self.world_size > 1 else ""
-        self.echo(f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} --resume{same}")
+        self.echo.event("stopped", f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} "
+                        f"--resume{same}", level="warning", checkpoint=str(checkpoint) if checkpoint else None)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -125,7 +132,9 @@ class FineTuneRun:
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "recipe.toml").write_text(recipe_text, encoding="utf-8")
-        self.echo(f"Task {self.task.name} ({self.task.kind}, {self.head} head), method {self.recipe.method.name}")
+        self.echo.event("task", f"Task {self.task.name} ({self.task.kind}, {self.head} head), method "
+                        f"{self.recipe.method.name}", task=self.task.name, kind=self.task.kind, head=self.head,
+                        method=self.recipe.method.name)
 
     def find_model(self) -> None:
         """Resolve the model folder first: a missing model should fail before any data work."""
@@ -152,7 +161,7 @@ class FineTuneRun:
         result = fit.estimate(shape, settings)
         per = " per device" if self.world_size > 1 else ""
         if self.gpu_free is None:
-            self.echo(f"Memory: {fit.describe(result)}{per} on a CUDA GPU; this run is on the CPU")
+            self.echo(f"Memory for a CUDA GPU with these settings{per} (this run is on the CPU): {fit.describe(result)}")
             return
         free = self.gpu_free
         where = (f"the {free / 2**30:.1f} GiB free on GPU {torch.cuda.current_device()}" if self.world_size == 1
@@ -160,7 +169,7 @@ class FineTuneRun:
         plan = fit.check_fit(shape, settings, free, where, allow_changes=self.auto_fit,
                              recipe_path=str(self.recipe.path or "recipe"))
         if not plan.changes:
-            self.echo(f"Memory: {fit.describe(result)}{per}; fits {where}")
+            self.echo(f"Memory{per}: {fit.describe(result)}; fits {where}")
             return
         train = self.recipe.train
         train.batch_size, train.grad_accum = plan.settings.batch, plan.settings.grad_accum
@@ -180,7 +189,8 @@ class FineTuneRun:
             self.test = representative_sample(self.test, self.recipe.eval.max_examples, self.recipe.train.seed,
                                               (lambda e: e.target) if self.labels else None)
         self.notes += self.splits.notes
-        self.echo(f"Data: {len(self.splits.train)} train / {len(self.test)} test examples")
+        self.echo.event("data", f"Data: {len(self.splits.train)} train / {len(self.test)} test examples",
+                        train_examples=len(self.splits.train), test_examples=len(self.test))
 
     def check_test_split(self) -> None:
         """Say so when the test split cannot speak for every label (missing, or under 5 examples)."""
@@ -193,7 +203,7 @@ class FineTuneRun:
     def load_model(self) -> None:
         from transformers import set_seed
 
-        from ftkit.modeling import count_parameters, load_model, load_tokenizer
+        from ftkit.modeling import LoadedModel, count_parameters, load_model, load_tokenizer
 
         # Seed before the model exists: a new classifier head and the LoRA weights are initialized
         # at load time, long before the Trainer seeds anything.
@@ -201,15 +211,42 @@ class FineTuneRun:
 
         if self.recipe.model.trust_remote_code:
             self.echo("Warning: model.trust_remote_code = true runs Python code shipped with the model")
-        self.tokenizer = load_tokenizer(self.model_path, self.recipe)
-        self.loaded = load_model(self.model_path, self.recipe, self.head, self.labels, self.tokenizer)
+
+        def load() -> LoadedModel:
+            self.tokenizer = load_tokenizer(self.model_path, self.recipe)
+            return load_model(self.model_path, self.recipe, self.head, self.labels, self.tokenizer)
+
+        self.loaded, seconds = self._load(str(self.model_path), load)
         for notice in self.loaded.notices:
             self.echo(f"Notice: {notice}")
         self.notes += self.loaded.notices
         self.model = self.loaded.model
         self.trainable, self.total = count_parameters(self.model)
-        self.echo(f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
-                  f"{self.trainable:,} trainable of {self.total:,} parameters")
+        self.echo.event("model", f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
+                                 f"{self.trainable:,} trainable of {self.total:,} parameters; loaded in {seconds:.1f} s",
+                        model=str(self.model_path), device=self.loaded.device, dtype=self.loaded.dtype,
+                        method=self.loaded.method, trainable_params=self.trainable, total_params=self.total,
+                        load_seconds=round(seconds, 2))
+
+    def _load(self, what: str, load: Callable[[], T]) -> tuple[T, float]:
+        """``load()`` after a line saying what loads where, without the library's progress bars: (result, seconds).
+
+        transformers draws a "Loading weights" bar per model (a wall of carriage returns in a log);
+        the line before and the time after say the same in ftkit's voice.
+        """
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.echo.event("loading", f"Loading {what} on {device} …", model=str(self.model_path), device=device)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        start = time.perf_counter()
+        try:
+            return load(), time.perf_counter() - start
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     def evaluate_baselines(self) -> dict[str, Any]:
         """The baselines' results, saved so a resumed run does not evaluate them again.
@@ -230,11 +267,11 @@ class FineTuneRun:
         if not self.recipe.eval.baseline:
             notes.append("eval.baseline = false: the base model was not evaluated (no zero-shot baseline)")
         elif self.head == "classifier":
-            result["random_head"] = self.evaluate("base model, random classifier head (not a baseline)")
+            result["random_head"] = self.evaluate("random_head")
             result["zero_shot"] = self.evaluate_zero_shot_lm(notes)
         else:
             # The LoRA adapters start as the identity: this is the base model answering zero-shot.
-            result["zero_shot"] = self.evaluate("zero-shot base model")
+            result["zero_shot"] = self.evaluate("zero_shot")
             result["zero_shot"]["showcase"] = self.answer_showcase(self.model, "causal")
         for note in notes:
             self.echo(f"Notice: {note}")
@@ -253,8 +290,7 @@ class FineTuneRun:
         label = majority_label([e.target for e in self.splits.train], self.labels)
         predictions = [label] * len(self.test)
         metrics = task_metrics(self.task, predictions, [e.references for e in self.test], self.labels)
-        headline = self.task.headline_metric
-        self.echo(f"majority baseline ({label}): {headline} = {metrics.get(headline, float('nan')):.4f}")
+        self.say_score("majority", metrics, f"majority baseline ({label})", label=label)
         return {"metrics": metrics, "predictions": predictions, "label": label,
                 "showcase": [label] * len(self.recipe.eval.showcase)}
 
@@ -282,7 +318,10 @@ class FineTuneRun:
             except Exception as error:  # noqa: BLE001 - a base that cannot load as an LM: no baseline, still a run
                 return None, f"{type(error).__name__}: {error}"
 
-        causal, error = distributed.together(load)
+        (causal, error), seconds = self._load(f"{self.model_path} with its LM head (zero-shot baseline)",
+                                              lambda: distributed.together(load))
+        if error is None:
+            self.echo.event("loaded", f"Loaded in {seconds:.1f} s", load_seconds=round(seconds, 2))
         # Every rank skips if any could not load: the evaluation below is collective.
         error = next((e for e in distributed.all_gather(error) if e), None)
         result = None
@@ -299,18 +338,31 @@ class FineTuneRun:
             notes.append(f"zero-shot baseline skipped: the base model could not score the labels as a causal LM "
                          f"({error})")
             return None
-        headline = self.task.headline_metric
-        self.echo(f"zero-shot base model: {headline} = {result['metrics'].get(headline, float('nan')):.4f}")
+        self.say_score("zero_shot", result["metrics"])
         return result
 
-    def evaluate(self, name: str) -> dict[str, Any]:
-        """Every rank predicts its share of the test split; all get the gathered result."""
+    def evaluate(self, model: str) -> dict[str, Any]:
+        """Every rank predicts its share of the test split; all get the gathered result.
+
+        :param model: which model this is, a key of :data:`ftkit.report.MODEL_NAMES` (``finetuned``, ...).
+        """
         from ftkit.evaluator import evaluate
+        from ftkit.report import MODEL_NAMES
 
-        result = evaluate(self.model, self.tokenizer, self.task, self.test, self.head, self.labels, self.recipe, name)
-        headline = self.task.headline_metric
-        self.echo(f"{name}: {headline} = {result['metrics'].get(headline, float('nan')):.4f}")
+        result = evaluate(self.model, self.tokenizer, self.task, self.test, self.head, self.labels, self.recipe,
+                          MODEL_NAMES[model])
+        self.say_score(model, result["metrics"])
         return result
+
+    def say_score(self, model: str, metrics: dict[str, Any], name: str | None = None, **fields: Any) -> None:
+        """``name: accuracy = 0.8167``; the fine-tuned model's is a result (shown by ``--quiet`` too)."""
+        from ftkit.report import MODEL_NAMES
+
+        headline = self.task.headline_metric
+        value = metrics.get(headline, float("nan"))
+        self.echo.event("evaluation", f"{name or MODEL_NAMES[model]}: {headline} = {value:.4f}",
+                        level="result" if model == "finetuned" else "info", model=model, metric=headline,
+                        value=value, **fields)
 
     def answer_showcase(self, model, head: str) -> list[str]:  # noqa: ANN001
         """The model's answers to the recipe's hand-written ``eval.showcase`` inputs (not scored)."""
@@ -340,11 +392,28 @@ class FineTuneRun:
         if self.resume:
             self.echo(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint: training from the start")
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            self.echo.live("")  # an error's line must not land after the live status line
         self.train_seconds = time.perf_counter() - start
         self.steps = result.global_step
         self.log_history = trainer.state.log_history
-        self.echo(f"Trained {self.steps} steps in {self.train_seconds:.1f} s (final loss {result.training_loss:.4f})")
+        self.say_trained(result.training_loss, resumed=checkpoint is not None)
+
+    def say_trained(self, average: float, resumed: bool) -> None:
+        """``Trained N steps in X s (final loss L, average loss A)``: the last logged loss, and the run's mean.
+
+        The Trainer's ``training_loss`` is the mean over the steps this process ran (since the resume).
+        """
+        from ftkit.console import short_number
+
+        final = next((entry["loss"] for entry in reversed(self.log_history) if "loss" in entry), None)
+        losses = ([f"final loss {short_number(final)}"] if final is not None else []) + \
+            [f"average loss {short_number(average)}" + (" since the resume" if resumed else "")]
+        self.echo.event("trained", f"Trained {self.steps} steps in {self.train_seconds:.1f} s ({', '.join(losses)})",
+                        level="result", steps=self.steps, seconds=round(self.train_seconds, 2), final_loss=final,
+                        average_loss=average)
 
     def save(self) -> None:
         from ftkit.prepare import file_sha256
@@ -371,6 +440,7 @@ class FineTuneRun:
             "ci95": judged["ci95"], "verdict": judged["verdict"], "test_warnings": self.test_warnings,
             "showcase": list(self.recipe.eval.showcase),
         }
+        self.summary = summary
         metrics_of = lambda result: result["metrics"] if result else None  # noqa: E731
         write_json(self.work / "metrics.json", {
             k: summary[k] for k in ("task", "model", "method", "head", "headline_metric", "train_examples",
@@ -436,7 +506,12 @@ class FineTuneRun:
         usual_permissions(self.work)  # safetensors writes owner-only files
         self.work.rename(self.output)
         weights = "adapter/" if (self.output / "adapter").is_dir() else "model/"
-        self.echo(f"Run folder: {self.output} (report.md, metrics.json, {weights})")
+        headline = self.task.headline_metric
+        models = {name: self.baselines[name] for name in (*BASELINES, "random_head")} | {"finetuned": self.finetuned}
+        scores = {name: result["metrics"].get(headline) for name, result in models.items() if result}
+        self.echo.event("done", f"Run folder: {self.output} (report.md, metrics.json, {weights})", level="result",
+                        run_folder=str(self.output), metric=headline, scores=scores, ci95=self.summary["ci95"],
+                        verdict=self.summary["verdict"])
         return self.output
 
 
@@ -469,12 +544,15 @@ def _quiet_libraries() -> None:
     """Keep the console to ftkit's own lines and progress bars: library chatter goes to ERROR.
 
     transformers prints a load report for every newly initialized head (expected here: the
-    classifier head is new by design) and deprecation warnings about its own internals.
+    classifier head is new by design) and deprecation warnings about its own internals;
+    bitsandbytes warns on every CPU with AVX512-BF16 that an optional kernel package is missing.
     """
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.checkpoint")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ftkit.console import Console
     from ftkit.pipeline import FineTuneRun
 
 
@@ -74,11 +75,75 @@ def build_features(run: FineTuneRun) -> list[dict]:
     return [encode_causal(run.tokenizer, e, max_len) for e in run.splits.train]
 
 
+def progress_callback(console: Console):  # noqa: ANN201 - a transformers.TrainerCallback
+    """ftkit's training lines, in place of the Trainer's printed dicts and progress bar.
+
+    One line per logging step (``step 40/240 · loss 0.41 · lr 1.9e-4 · 7.8 it/s · eta 0:21``); in
+    between, a live status line on a terminal, or without one (CI logs, pipes) a plain line every
+    ``PROGRESS_EVERY_S`` seconds. The last step is always logged, so the final loss is the last
+    step's, not that of the logging step before it.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    from ftkit.console import duration_text, rate_text, scientific, short_number
+    from ftkit.evaluator import PROGRESS_EVERY_S
+
+    def line(numbers: dict, loss: float | None = None, lr: float | None = None) -> str:
+        parts = [f"step {numbers['step']}/{numbers['total']}"]
+        parts += [f"loss {short_number(loss)}"] if loss is not None else []
+        parts += [f"lr {scientific(lr)}"] if lr is not None else []
+        parts += [rate_text(numbers["steps_per_s"])] if numbers["steps_per_s"] > 0 else []
+        parts += [f"eta {duration_text(numbers['eta_s'])}"] if numbers["step"] < numbers["total"] \
+            and numbers["eta_s"] is not None else []
+        return " · ".join(parts)
+
+    class ProgressLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            self.began = self.shown = time.perf_counter()
+            self.first_step = state.global_step  # past 0 in a resumed run
+
+        def numbers(self, state) -> dict:  # noqa: ANN001
+            seconds = time.perf_counter() - self.began
+            rate = (state.global_step - self.first_step) / seconds if seconds > 0 else 0.0
+            eta = (state.max_steps - state.global_step) / rate if rate > 0 else None
+            return {"step": state.global_step, "total": state.max_steps, "steps_per_s": round(rate, 3),
+                    "eta_s": None if eta is None else round(eta, 1)}
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # on every rank: logging gathers the loss from all of them
+            if not state.is_world_process_zero:
+                return
+            if console.on_terminal:
+                console.live(line(self.numbers(state)))
+            elif time.perf_counter() - self.shown >= PROGRESS_EVERY_S and not control.should_log:
+                self.shown = time.perf_counter()
+                numbers = self.numbers(state)
+                console.event("progress", line(numbers), level="progress", **numbers)
+
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: ANN001, ANN003
+            if not state.is_world_process_zero or "loss" not in (logs or {}):
+                return  # the Trainer's closing speed metrics: the pipeline says how training went
+            self.shown = time.perf_counter()
+            numbers = self.numbers(state)
+            lr = logs.get("learning_rate")
+            console.event("step", line(numbers, logs["loss"], lr), loss=logs["loss"], lr=lr,
+                          grad_norm=logs.get("grad_norm"), epoch=logs.get("epoch"), **numbers)
+
+        def on_train_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            console.live("")
+
+    return ProgressLines()
+
+
 def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     import torch
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from ftkit import distributed
 
@@ -114,7 +179,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
         report_to="none",  # TensorBoard is added below with the folder we choose
-        disable_tqdm=False,
+        disable_tqdm=True,  # ftkit's progress lines instead (progress_callback)
         # Several processes: gloo on the CPU (accelerate would pick MPI where torch has it); on
         # CUDA accelerate picks NCCL. Every LoRA/full parameter takes part in every step, so DDP
         # need not search for unused ones (and warn that it found none).
@@ -131,6 +196,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     # Rank 0 alone writes TensorBoard logs (a writer creates its folder at once).
     callbacks = [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.work / "tensorboard")))] \
         if distributed.is_main() else []
+    callbacks.append(progress_callback(run.echo))
     features = build_features(run)
 
     class FtkitTrainer(Trainer):
@@ -150,7 +216,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
                 train.seed,
             )
 
-    return FtkitTrainer(
+    trainer = FtkitTrainer(
         model=run.model,
         args=args,
         train_dataset=features,
@@ -158,3 +224,5 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         processing_class=run.tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # what disable_tqdm puts in the bar's place: raw dicts
+    return trainer

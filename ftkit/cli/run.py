@@ -19,6 +19,8 @@ Examples:
   $ ftkit run recipes/emotion.toml --overwrite        # replace an existing run folder
   $ ftkit run recipes/emotion.toml --set train.save_steps=200   # checkpoints every 200 steps
   $ ftkit run recipes/emotion.toml --resume           # continue after a crash or Ctrl-C
+  $ ftkit run recipes/tiny.toml --quiet               # warnings, errors and the final results only
+  $ ftkit run recipes/tiny.toml --json-logs | jq -c 'select(.event == "step") | [.step, .loss]'
   $ ftkit run recipes/emotion.toml --nproc 4          # 4 processes (GPUs), DDP; see docs/distributed.md
   $ torchrun --nproc_per_node 4 -m ftkit run recipes/emotion.toml   # the same, launched by hand
 """,
@@ -38,8 +40,14 @@ Examples:
 @click.option("--nproc", type=click.IntRange(min=1), metavar="N",
               help="Train with N processes on this machine (data parallel, one GPU each; gloo on the CPU): "
                    "re-launches this command under torchrun. Effective batch = batch_size x grad_accum x N.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print only warnings, errors and the final results (losses, fine-tuned score, run folder).")
+@click.option("--json-logs", is_flag=True,
+              help="Print every event as one JSON object per line on stdout, for scripts and CI: its `event` and "
+                   "`message`, and the numbers: training steps (step, total, loss, lr, steps_per_s, eta_s), "
+                   "evaluations (model, metric, value), the final summary (run_folder, scores, verdict), errors.")
 def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_run: bool, as_json: bool,
-        overwrite: bool, resume: bool, auto_fit: bool, nproc: int | None) -> None:
+        overwrite: bool, resume: bool, auto_fit: bool, nproc: int | None, quiet: bool, json_logs: bool) -> None:
     """Fine-tune as RECIPE says; evaluate base and fine-tuned models on the same test split.
 
     Leaves in output.dir: the adapter (safetensors) and tokenizer, labels.json, recipe.toml,
@@ -57,7 +65,11 @@ def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_ru
         raise UsageError(f"--nproc: this is already one of {distributed.world_size()} processes started by a "
                          "launcher; drop --nproc")
     if as_json and not dry_run:
-        raise UsageError("--json: only with --dry-run (a run's results are in its metrics.json)")
+        raise UsageError("--json: only with --dry-run (a run prints JSON with --json-logs; its results are in "
+                         "metrics.json)")
+    for flag, on in (("--quiet", quiet), ("--json-logs", json_logs)):
+        if on and dry_run:
+            raise UsageError(f"{flag}: not with --dry-run, whose output is what it checked (--json prints it as JSON)")
     if dry_run:
         _dry_run(recipe, recipe_path, auto_fit, nproc or distributed.world_size(), as_json)
         return
@@ -65,12 +77,21 @@ def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_ru
         _check_gpu_count(nproc)
         args = ["--debug"] if ctx.find_root().params.get("debug") else []
         args += ["run", recipe_path, *(part for value in overrides for part in ("--set", value))]
-        args += [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume), ("--auto-fit", auto_fit))
-                 if on]
+        args += [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume), ("--auto-fit", auto_fit),
+                                       ("--quiet", quiet), ("--json-logs", json_logs)) if on]
         ctx.exit(distributed.launch(nproc, args))
+    from ftkit.console import Console
     from ftkit.pipeline import FineTuneRun
 
-    FineTuneRun(recipe, overwrite=overwrite, resume=resume, auto_fit=auto_fit, echo=click.echo).run()
+    console = Console(quiet=quiet, json=json_logs, write=click.echo)
+    try:
+        FineTuneRun(recipe, overwrite=overwrite, resume=resume, auto_fit=auto_fit, echo=console).run()
+    except BaseException as error:
+        # The one-line error still goes to stderr (ftkit.cli); a script reading the JSON sees it too.
+        if json_logs and distributed.is_main():
+            message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+            console.event("error", message, level="error", type=type(error).__name__)
+        raise
 
 
 def _check_gpu_count(nproc: int) -> None:
@@ -84,6 +105,7 @@ def _check_gpu_count(nproc: int) -> None:
 
 def _dry_run(recipe, recipe_path: str, auto_fit: bool, gpus: int, as_json: bool) -> None:  # noqa: ANN001
     """The resolved recipe, the data as the run would load it, and the memory estimate; no model."""
+    from ftkit.modeling import model_location
     from ftkit.plugins import get_task
     from ftkit.prepare import split_data
 
@@ -92,11 +114,12 @@ def _dry_run(recipe, recipe_path: str, auto_fit: bool, gpus: int, as_json: bool)
     summary = data.summary()
     if as_json:
         estimate = _estimate(recipe, task, len(data.labels or ()) or 2, gpus)
-        print_json({"recipe": recipe.to_dict(), "data": summary,
+        print_json({"recipe": recipe.to_dict(), "model_location": model_location(recipe), "data": summary,
                     "estimate": None if estimate is None else estimate.to_dict()})
         return
     click.echo(f"# resolved recipe: {recipe_path}")
     click.echo(recipe.to_toml())
+    click.echo(f"# model ({recipe.model.source} {recipe.model.id}): {model_location(recipe)}")
     source = recipe.task.train_file or task.hub_dataset
     click.echo(f"# data ({source}): {summary['train_examples']} train / {summary['test_examples']} test examples")
     if data.labels:
@@ -164,6 +187,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
 def validate(recipe_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check RECIPE: every problem reported at once, one `section.key: message` per line."""
+    from ftkit.modeling import model_location
     from ftkit.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -171,3 +195,4 @@ def validate(recipe_path: str, overrides: tuple[str, ...], as_json: bool) -> Non
         print_json(recipe.to_dict())
     else:
         click.echo(f"{recipe_path}: ok (task {recipe.task.name}, model {recipe.model.id}, method {recipe.method.name})")
+        click.echo(f"model: {model_location(recipe)}")  # a download needs the network
