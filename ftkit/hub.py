@@ -102,6 +102,30 @@ def huggingface_cached_model(model_id: str, revision: str | None = None) -> Path
     return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
+def model_revision(folder: Path) -> dict[str, str]:
+    """Which revision of a model a run used, for its manifest; fast: no weights are read.
+
+    ``commit``: the hub's commit hash, when ``folder`` is a Hugging Face cache snapshot
+    (``snapshots/COMMIT``). ``fingerprint``: always, a SHA-256 over the files' names and sizes and
+    the text of config.json and of the weights index, the same for the same files wherever they are.
+    """
+    import hashlib
+    import re
+
+    digest = hashlib.sha256()
+    files = sorted(path for path in folder.rglob("*")
+                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        digest.update(f"{name}\0{path.stat().st_size}\n".encode())
+        if name in ("config.json", "model.safetensors.index.json"):
+            digest.update(path.read_bytes())
+    found = {"fingerprint": f"sha256:{digest.hexdigest()}"}
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        found["commit"] = folder.name
+    return found
+
+
 # -- downloads -----------------------------------------------------------------------------------
 
 def modelscope_endpoint() -> str:

@@ -5,7 +5,10 @@
 Everything is written into ``<output.dir>.partial`` and renamed into place only at the end, so a
 folder named like the run is always complete; a failure before training removes the partial
 folder, a failure during training leaves it with its checkpoints, and ``--resume`` continues from
-the newest complete one (the baseline evaluations are kept, not redone).
+the newest complete one (the baseline evaluations are kept, not redone). Checkpoints are saved at
+each epoch's end and every ``train.save_minutes`` (:mod:`ftkit.training`); SIGINT and SIGTERM
+stop a run as Ctrl-C does (:mod:`ftkit.interrupts`); ``--overwrite`` replaces only a run folder
+ftkit made (:mod:`ftkit.folders`).
 
 Baselines (classification): ``majority`` (always the most frequent training label) and
 ``zero_shot`` (the base model choosing a label through its LM head, also when the recipe trains a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +35,8 @@ from typing import Any, TypeVar
 from ftkit import distributed
 from ftkit.console import Console
 from ftkit.errors import ConfigError, FtkitError, UsageError
+from ftkit.folders import write_text_atomic
+from ftkit.interrupts import Stopped, StopRequests, kill_point
 from ftkit.recipe import Recipe
 from ftkit.tasks import Task
 
@@ -62,13 +68,21 @@ class FineTuneRun:
         self.work = self.output.with_name(self.output.name + ".partial")
         self.notes: list[str] = []
         self.summary: dict[str, Any] = {}
+        self.validation = None  # the validation callback (ftkit.validation), with a validation set
+        self.stops = StopRequests()
+        self.made_work = False  # whether this run made (or started over) the partial folder
 
     def run(self) -> Path:
+        """The steps in order; SIGINT and SIGTERM stop the run as :mod:`ftkit.interrupts` says."""
+        with self.stops.installed():
+            return self._steps()
+
+    def _steps(self) -> Path:
         distributed.init()
         _quiet_libraries()
-        distributed.on_main(self.setup)
         training = False
         try:
+            distributed.on_main(self.setup)
             distributed.main_first(self.find_model)
             self.gpu_free = _least_free_gpu_memory()
             distributed.together(self.check_memory)
@@ -79,10 +93,11 @@ class FineTuneRun:
             training = True
             self.train()
             self.finetuned = self.evaluate("finetuned")
+            kill_point("final-eval")
             self.finetuned["showcase"] = self.answer_showcase(self.model, self.head)
             distributed.on_main(self.save)
         except BaseException as error:
-            if distributed.is_main() and not training and not self.resume:
+            if distributed.is_main() and not training and self.made_work:
                 shutil.rmtree(self.work, ignore_errors=True)
             elif training:
                 self._explain_stop(error)
@@ -101,11 +116,24 @@ class FineTuneRun:
         from ftkit.training import newest_checkpoint
 
         checkpoint = newest_checkpoint(self.work / "checkpoints")
-        where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved yet (see train.save_steps)"
+        where = f"last checkpoint: {checkpoint}" if checkpoint else \
+            "no checkpoint was saved yet (one is saved at each epoch's end and every train.save_minutes)"
         what = "Interrupted" if isinstance(error, KeyboardInterrupt) else "Run stopped"
+        if isinstance(error, Stopped) and error.signum != signal.SIGINT:
+            what = f"Stopped by {signal.Signals(error.signum).name}"
         same = f" (with the same {self.world_size} processes)" if self.world_size > 1 else ""
-        self.echo.event("stopped", f"{what}; {where}. Continue with: ftkit run {self.recipe.path or 'RECIPE'} "
-                        f"--resume{same}", level="warning", checkpoint=str(checkpoint) if checkpoint else None)
+        self.echo.event("stopped", f"{what}; {where}. Continue with: {self._resume_command()}{same}", level="warning",
+                        checkpoint=str(checkpoint) if checkpoint else None)
+
+    def _resume_command(self) -> str:
+        """The command that started this run (its --set values included) with --resume, without --overwrite."""
+        import shlex
+        import sys
+
+        args = sys.argv[1:]
+        if "run" not in args:  # not started by the command line (a library call, a test runner)
+            return f"ftkit run {self.recipe.path or 'RECIPE'} --resume"
+        return shlex.join(["ftkit", *(arg for arg in args if arg not in ("--overwrite", "--resume")), "--resume"])
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -115,26 +143,49 @@ class FineTuneRun:
             raise ConfigError(str(self.recipe.path or "recipe"), [(
                 "train.deepspeed: the deepspeed package is not installed here; `pip install deepspeed`, "
                 "or remove train.deepspeed")])
+        from ftkit.folders import check_replaceable, refuse_kept
+
         if self.output.exists() and not self.overwrite:
             raise UsageError(f"output.dir: {self.output} already exists; pass --overwrite or choose another dir")
+        if self.overwrite and (self.output.exists() or self.output.is_symlink()):
+            check_replaceable(self.output, "output.dir", self._kept_folders())
         recipe_text = self.recipe.to_toml()
         if self.resume:
             saved = self.work / "recipe.toml"
             if not saved.is_file():
                 raise UsageError(f"--resume: no interrupted run in {self.work}; run without --resume")
-            if saved.read_text(encoding="utf-8") != recipe_text:
-                raise UsageError(f"--resume: the recipe differs from the interrupted run's ({saved}); "
+            saved_text = saved.read_text(encoding="utf-8")
+            for leftover in self.work.glob(".*.tmp"):  # a file the crash stopped writing (ftkit.folders)
+                leftover.unlink()
+            fitted = _with_fitted_settings(self.recipe, saved_text)
+            if self.auto_fit:  # train with what the interrupted run's --auto-fit chose (check_memory shares it)
+                self.recipe.train, recipe_text = fitted.train, fitted.to_toml()
+            if saved_text != recipe_text:
+                hint = " (its batch settings came from --auto-fit: resume with --auto-fit)" \
+                    if fitted.to_toml() == saved_text else ""
+                raise UsageError(f"--resume: the recipe differs from the interrupted run's ({saved}){hint}; "
                                  "resume with the same recipe and --set values, or start over with --overwrite")
-        elif self.work.exists():
+        elif self.work.exists() or self.work.is_symlink():
             if not self.overwrite:
                 raise UsageError(f"{self.work} holds an interrupted run: continue it with --resume, "
                                  "or pass --overwrite to start over")
+            refuse_kept(self.work, "output.dir", self._kept_folders())
+            if self.work.is_symlink() or not self.work.is_dir() or \
+                    (any(self.work.iterdir()) and not (self.work / "recipe.toml").is_file()):
+                raise UsageError(f"output.dir: {self.work} is not an interrupted ftkit run (no recipe.toml); "
+                                 "--overwrite removed nothing: remove it yourself or choose another dir")
             shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        (self.work / "recipe.toml").write_text(recipe_text, encoding="utf-8")
+        if not self.resume:
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.made_work = True
+            write_text_atomic(self.work / "recipe.toml", recipe_text)
         self.echo.event("task", f"Task {self.task.name} ({self.task.kind}, {self.head} head), method "
                         f"{self.recipe.method.name}", task=self.task.name, kind=self.task.kind, head=self.head,
                         method=self.recipe.method.name)
+
+    def _kept_folders(self) -> list[tuple[str, Path]]:
+        """Folders --overwrite never removes besides the current and home folders (ftkit.folders)."""
+        return [("the recipe's folder", self.recipe.path.resolve().parent)] if self.recipe.path else []
 
     def find_model(self) -> None:
         """Resolve the model folder first: a missing model should fail before any data work."""
@@ -147,11 +198,15 @@ class FineTuneRun:
 
         With several processes the estimate is per device (DDP adds its gradient buckets) and is
         checked against the GPU with the least free memory, so every rank makes the same choice.
+        The changes are written into the run folder's recipe.toml: it records the settings used. A
+        resumed run keeps the interrupted run's (read back by setup): its checkpoints were made with them.
         """
         import torch
 
         from ftkit import fit
 
+        if self.resume and self.auto_fit:
+            self.recipe.train = distributed.broadcast(self.recipe.train)
         shape = fit.recipe_shape(self.recipe, self.model_path)
         if shape is None:
             self.echo("Memory: no estimate for this architecture (the estimator models Llama-style decoders)")
@@ -166,7 +221,7 @@ class FineTuneRun:
         free = self.gpu_free
         where = (f"the {free / 2**30:.1f} GiB free on GPU {torch.cuda.current_device()}" if self.world_size == 1
                  else f"the {free / 2**30:.1f} GiB free on the fullest of the {self.world_size} GPUs")
-        plan = fit.check_fit(shape, settings, free, where, allow_changes=self.auto_fit,
+        plan = fit.check_fit(shape, settings, free, where, allow_changes=self.auto_fit and not self.resume,
                              recipe_path=str(self.recipe.path or "recipe"))
         if not plan.changes:
             self.echo(f"Memory{per}: {fit.describe(result)}; fits {where}")
@@ -174,6 +229,8 @@ class FineTuneRun:
         train = self.recipe.train
         train.batch_size, train.grad_accum = plan.settings.batch, plan.settings.grad_accum
         train.activation_checkpointing = plan.settings.activation_checkpointing
+        if distributed.is_main():
+            write_text_atomic(self.work / "recipe.toml", self.recipe.to_toml())
         note = f"--auto-fit: {'; '.join(plan.changes)} (estimate {plan.estimate.total / 1e9:.2f} GB)"
         self.echo(note)
         self.notes.append(note)
@@ -183,14 +240,17 @@ class FineTuneRun:
         from ftkit.stats import representative_sample
 
         self.splits = load_splits(self.task, self.recipe)
+        kill_point("data")
         self.labels = self.splits.labels
         self.test = self.splits.test
         if self.recipe.eval.max_examples:
             self.test = representative_sample(self.test, self.recipe.eval.max_examples, self.recipe.train.seed,
                                               (lambda e: e.target) if self.labels else None)
         self.notes += self.splits.notes
-        self.echo.event("data", f"Data: {len(self.splits.train)} train / {len(self.test)} test examples",
-                        train_examples=len(self.splits.train), test_examples=len(self.test))
+        valid = {"valid_examples": len(self.splits.valid)} if self.splits.valid else {}
+        shown = f"{len(self.splits.valid)} validation / " if valid else ""
+        self.echo.event("data", f"Data: {len(self.splits.train)} train / {shown}{len(self.test)} test examples",
+                        train_examples=len(self.splits.train), **valid, test_examples=len(self.test))
 
     def check_test_split(self) -> None:
         """Say so when the test split cannot speak for every label (missing, or under 5 examples)."""
@@ -256,14 +316,16 @@ class FineTuneRun:
         """
         saved = self.work / "baseline.json"
         if self.resume:
-            kept = distributed.from_main(
-                lambda: json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None)
-            if kept is not None and "notes" in kept:
+            kept, problem = distributed.from_main(lambda: _read_baselines(saved, len(self.test)))
+            if kept is not None:
                 self.echo("baselines: evaluations kept from the interrupted run")
                 self.notes += kept["notes"]
                 return kept
+            if problem:
+                self.echo(f"Notice: {saved} {problem}; evaluating the baselines again")
         notes: list[str] = []
         result: dict[str, Any] = {"majority": self.evaluate_majority(), "zero_shot": None, "random_head": None}
+        kill_point("baselines")
         if not self.recipe.eval.baseline:
             notes.append("eval.baseline = false: the base model was not evaluated (no zero-shot baseline)")
         elif self.head == "classifier":
@@ -277,7 +339,7 @@ class FineTuneRun:
             self.echo(f"Notice: {note}")
         self.notes += notes
         result["notes"] = notes
-        distributed.on_main(lambda: saved.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8"))
+        distributed.on_main(lambda: write_text_atomic(saved, json.dumps(result, ensure_ascii=False)))
         return result
 
     def evaluate_majority(self) -> dict[str, Any] | None:
@@ -378,7 +440,7 @@ class FineTuneRun:
         return answer(model, self.tokenizer, self.task, examples, head, self.labels, self.recipe)
 
     def train(self) -> None:
-        from ftkit.training import build_trainer, newest_checkpoint
+        from ftkit.training import build_trainer
 
         if self.world_size > 1:
             train = self.recipe.train
@@ -388,40 +450,88 @@ class FineTuneRun:
             self.echo(note)
             self.notes.append(note)
         trainer = distributed.together(lambda: build_trainer(self))
-        checkpoint = distributed.from_main(lambda: newest_checkpoint(self.work / "checkpoints")) if self.resume else None
+        if self.splits.valid:
+            from ftkit.validation import validation_callback
+
+            self.validation = validation_callback(self)
+            trainer.add_callback(self.validation)
+        checkpoint = distributed.from_main(self._checkpoint_to_resume) if self.resume else None
         if self.resume:
             self.echo(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint: training from the start")
         start = time.perf_counter()
+        self.stops.in_training = True  # a signal now stops at the step's end, with a checkpoint
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
+            self.stops.in_training = False
             self.echo.live("")  # an error's line must not land after the live status line
+        if self.stops.signum:
+            raise Stopped(self.stops.signum)
         self.train_seconds = time.perf_counter() - start
         self.steps = result.global_step
         self.log_history = trainer.state.log_history
-        self.say_trained(result.training_loss, resumed=checkpoint is not None)
+        resumed_at = int(checkpoint.name.rpartition("-")[2]) if checkpoint else 0
+        self.say_trained(result.training_loss if self.steps > resumed_at else None, resumed=checkpoint is not None)
+        if self.validation is not None:
+            self.keep_weights()
 
-    def say_trained(self, average: float, resumed: bool) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The newest complete checkpoint, once those a crash cut short are removed (rank 0)."""
+        from ftkit.training import newest_checkpoint, remove_incomplete_checkpoints
+
+        for path in remove_incomplete_checkpoints(self.work / "checkpoints"):
+            self.echo(f"Notice: removed {path}: the run stopped while writing it")
+        return newest_checkpoint(self.work / "checkpoints")
+
+    def say_trained(self, average: float | None, resumed: bool) -> None:
         """``Trained N steps in X s (final loss L, average loss A)``: the last logged loss, and the run's mean.
 
-        The Trainer's ``training_loss`` is the mean over the steps this process ran (since the resume).
+        The Trainer's ``training_loss`` is the mean over the steps this process ran (since the resume);
+        None when a resumed run had no step left.
         """
         from ftkit.console import short_number
 
         final = next((entry["loss"] for entry in reversed(self.log_history) if "loss" in entry), None)
         losses = ([f"final loss {short_number(final)}"] if final is not None else []) + \
-            [f"average loss {short_number(average)}" + (" since the resume" if resumed else "")]
-        self.echo.event("trained", f"Trained {self.steps} steps in {self.train_seconds:.1f} s ({', '.join(losses)})",
-                        level="result", steps=self.steps, seconds=round(self.train_seconds, 2), final_loss=final,
-                        average_loss=average)
+            ([f"average loss {short_number(average)}" + (" since the resume" if resumed else "")] if average is not None
+             else ["no step left to train after the resume"])
+        stopped = self.validation.stopped_at if self.validation is not None else None
+        early = "; stopped early: the validation metric stopped improving" if stopped else ""
+        self.echo.event("trained", f"Trained {self.steps} steps in {self.train_seconds:.1f} s ({', '.join(losses)})"
+                        + early, level="result", steps=self.steps, seconds=round(self.train_seconds, 2),
+                        final_loss=final, average_loss=average, **({"stopped_early": True} if stopped else {}))
+
+    def keep_weights(self) -> None:
+        """``train.keep``: load the validation-best step's weights back (unless the last is kept, or is the best)."""
+        from ftkit.validation import best_file, load_trainable
+
+        tracker, metric = self.validation, self.validation.summary()["metric"]
+        self.kept = "last" if self.recipe.train.keep == "last" or tracker.best_step is None else "best"
+        if tracker.best_step is None and self.recipe.train.keep != "last":
+            self.echo(f"Warning: no validation {metric} was a number; keeping the last step's weights")
+        if self.kept == "last" or tracker.best_step == self.steps:
+            return
+        load_trainable(self.model, best_file(self.work, tracker.best_step))
+        self.echo.event("kept", f"Kept the weights of step {tracker.best_step} (best validation {metric} "
+                        f"{tracker.best_value:.4f}), not the last step's ({self.steps})", step=tracker.best_step,
+                        metric=metric, value=tracker.best_value)
+
+    def _validation_record(self) -> dict[str, Any]:
+        """metrics.json's ``best_step`` and ``validation`` (its history: ``[{step, METRIC}]``); {} without one."""
+        if self.validation is None:
+            return {}
+        return {"best_step": self.validation.best_step,
+                "validation": self.validation.summary() | {"kept": self.kept}}
 
     def save(self) -> None:
+        from ftkit.hub import model_revision
         from ftkit.prepare import file_sha256
         from ftkit.report import manifest, write_json, write_report
 
         weights = self.work / ("adapter" if self.loaded.method in ("lora", "qlora") else "model")
         self.model.save_pretrained(weights, safe_serialization=True)
         self.tokenizer.save_pretrained(weights)
+        kill_point("save")
         labels = {"head": self.head, "labels": self.labels,
                   "id2label": dict(enumerate(self.labels)) if self.labels else None}
         write_json(self.work / "labels.json", labels)
@@ -439,7 +549,7 @@ class FineTuneRun:
             "random_head": self.baselines["random_head"], "finetuned": self.finetuned,
             "ci95": judged["ci95"], "verdict": judged["verdict"], "test_warnings": self.test_warnings,
             "showcase": list(self.recipe.eval.showcase),
-        }
+        } | self._validation_record()
         self.summary = summary
         metrics_of = lambda result: result["metrics"] if result else None  # noqa: E731
         write_json(self.work / "metrics.json", {
@@ -448,13 +558,16 @@ class FineTuneRun:
         } | {"baselines": {name: metrics_of(self.baselines[name]) for name in BASELINES},
              "random_head": metrics_of(self.baselines["random_head"]),
              "finetuned": self.finetuned["metrics"], "ci95": judged["ci95"], "verdict": judged["verdict"],
-             "test_warnings": self.test_warnings})
+             "test_warnings": self.test_warnings} | self._validation_record())
         write_report(self.work, summary, self.log_history)
         hashes = {name: file_sha256(path) for name, path in
-                  (("train_file", self.recipe.task.train_file), ("test_file", self.recipe.task.test_file)) if path}
+                  (("train_file", self.recipe.task.train_file), ("test_file", self.recipe.task.test_file),
+                   ("valid_file", self.recipe.task.valid_file)) if path}
         hashes["test_split"] = file_sha256(self.work / "data" / "test.jsonl")
-        write_json(self.work / "manifest.json", manifest(summary, hashes))
+        write_json(self.work / "manifest.json", manifest(summary, hashes, recipe=self.recipe.to_dict(),
+                                                         model_revision=model_revision(self.model_path)))
         shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+        shutil.rmtree(self.work / "best", ignore_errors=True)
         (self.work / "baseline.json").unlink(missing_ok=True)
 
     def judge(self) -> dict[str, Any]:
@@ -497,9 +610,15 @@ class FineTuneRun:
 
     def finish(self) -> Path:
         """Move the complete run folder into place (replacing the old one only now, if asked)."""
-        if self.output.exists():
+        from ftkit.folders import check_replaceable
+
+        if self.output.exists() or self.output.is_symlink():
             if not self.overwrite:
                 raise FtkitError(f"{self.output} appeared during the run; results left in {self.work}")
+            try:  # checked again: the folder may have changed during the run
+                check_replaceable(self.output, "output.dir", self._kept_folders())
+            except UsageError as error:
+                raise UsageError(f"{error}; results left in {self.work}") from None
             shutil.rmtree(self.output)
         from ftkit.datatools import usual_permissions
 
@@ -513,6 +632,41 @@ class FineTuneRun:
                         run_folder=str(self.output), metric=headline, scores=scores, ci95=self.summary["ci95"],
                         verdict=self.summary["verdict"])
         return self.output
+
+
+def _read_baselines(path: Path, test_examples: int) -> tuple[dict[str, Any] | None, str | None]:
+    """An interrupted run's baseline.json: (the results, None) if whole and for this test split, else (None, why)."""
+    if not path.is_file():
+        return None, None
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"is unreadable ({type(error).__name__})"
+    results = [kept.get(name) for name in (*BASELINES, "random_head")] if isinstance(kept, dict) else None
+    whole = results is not None and isinstance(kept.get("notes"), list) and all(
+        result is None or (isinstance(result, dict) and isinstance(result.get("metrics"), dict)
+                           and len(result.get("predictions") or ()) == test_examples) for result in results)
+    return (kept, None) if whole else (None, "does not hold a baseline result for each test example")
+
+
+#: The train keys --auto-fit may change (ftkit.fit): a resumed run takes them from the interrupted run's recipe.toml.
+FITTED_KEYS = ("batch_size", "grad_accum", "activation_checkpointing")
+
+
+def _with_fitted_settings(recipe: Recipe, saved_text: str) -> Recipe:
+    """``recipe`` with the --auto-fit keys of a run folder's recipe.toml (``saved_text``), as a copy."""
+    import tomllib
+    from dataclasses import replace
+
+    try:
+        saved = tomllib.loads(saved_text).get("train")
+    except tomllib.TOMLDecodeError:
+        return recipe
+    if not isinstance(saved, dict):
+        return recipe
+    kinds = {"batch_size": int, "grad_accum": int, "activation_checkpointing": bool}
+    fitted = {key: saved[key] for key in FITTED_KEYS if type(saved.get(key)) is kinds[key]}
+    return replace(recipe, train=replace(recipe.train, **fitted))
 
 
 def _silent(_: str) -> None:

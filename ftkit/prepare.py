@@ -23,11 +23,13 @@ class SplitData:
     leaked_removed: int = 0
     notes: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    valid: Any = None  # a TaskData when the recipe has a validation set
 
     def summary(self) -> dict[str, Any]:
-        """What ``ftkit run --dry-run --json`` reports under ``data``."""
-        return {"train_examples": len(self.train), "test_examples": len(self.test), "labels": self.labels,
-                "dropped": dict(self.dropped)}
+        """What ``ftkit run --dry-run --json`` reports under ``data`` (``valid_examples`` with a validation set)."""
+        valid = {"valid_examples": len(self.valid)} if self.valid is not None else {}
+        return {"train_examples": len(self.train)} | valid | {"test_examples": len(self.test), "labels": self.labels,
+                                                               "dropped": dict(self.dropped)}
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Splits:
     leaked_removed: int = 0
     notes: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    valid: list[Example] = field(default_factory=list)  # empty: no validation set
 
 
 def file_sha256(path: str | Path) -> str:
@@ -59,7 +62,9 @@ def file_sha256(path: str | Path) -> str:
 def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
     """Load train (and test) with the recipe's mapping; split off a test set if there is no test file.
 
-    The split is :func:`ftkit.splitting.split_indices`, the same as ``ftkit data split``'s.
+    The split is :func:`ftkit.splitting.split_indices`, the same as ``ftkit data split``'s. A
+    validation set (``task.valid_file``, or ``train.valid_size`` carved by the same split from what
+    the test split left) never shares a text with the test split or the training examples.
     """
     import pyarrow.compute as pc
 
@@ -95,6 +100,7 @@ def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
         notes.append(f"removed {leaked} training examples whose text is also in the test split")
         if not len(train):
             raise DataError("every training example also appears in the test split; use different files")
+    train, valid = _validation_split(task, recipe, train, test, mapping, notes, dropped)
     labels = None
     if classify:
         labels = list(section.labels) or (list(task.labels) if task.labels else train.labels)
@@ -106,14 +112,68 @@ def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
             raise DataError(f"{test.source}: test label(s) {', '.join(map(repr, unseen[:10]))} never occur in the "
                             "training data, so the model cannot learn them; add training rows, map them with "
                             "task.label_map, or skip them with task.drop_labels")
-    return SplitData(train=train, test=test, labels=labels, leaked_removed=leaked, notes=notes, dropped=dropped)
+        unseen = unseen_labels(train, valid) if valid is not None else []
+        if unseen:
+            raise DataError(f"{valid.source}: validation label(s) {', '.join(map(repr, unseen[:10]))} never occur in "
+                            "the training data; add training rows, map them with task.label_map, or skip them with "
+                            "task.drop_labels")
+    return SplitData(train=train, test=test, labels=labels, leaked_removed=leaked, notes=notes, dropped=dropped,
+                     valid=valid)
+
+
+def _validation_split(task: Task, recipe, train, test, mapping, notes: list[str],  # noqa: ANN001
+                      dropped: dict[str, int]) -> tuple[Any, Any]:
+    """(train, validation or None): ``task.valid_file`` read, or ``train.valid_size`` carved from ``train``.
+
+    Texts are never shared: a validation text also in the test split leaves the validation set (it
+    would let the test data pick the best step), a training text also in validation leaves training.
+    """
+    import pyarrow.compute as pc
+
+    from ftkit.sources import load_task_data
+    from ftkit.splitting import split_indices
+
+    section, seed = recipe.task, recipe.train.seed
+    if section.valid_file:
+        valid = load_task_data(task, section.valid_file, mapping, role="valid")
+        for why, n in valid.dropped.items():
+            dropped[f"valid: {why}"] = n
+        in_test = pc.is_in(valid.keys(), value_set=pc.unique(test.keys()))
+        overlap = int(pc.sum(in_test).as_py() or 0)
+        if overlap:
+            valid.table = valid.table.filter(pc.invert(in_test))
+            notes.append(f"removed {overlap} validation examples whose text is also in the test split")
+            if not len(valid):
+                raise DataError(f"{valid.source}: every validation example also appears in the test split; "
+                                "use different files")
+        notes.append(f"validation set: {len(valid)} examples from {section.valid_file}")
+    elif recipe.train.valid_size:
+        classify = task.kind == "classification"
+        train_rows, valid_rows = split_indices(train, recipe.train.valid_size, seed, stratify=classify,
+                                               what="train.valid_size")
+        train, valid = train.take(train_rows), train.take(valid_rows)
+        group = section.group_by or task.group_by
+        notes.append(f"validation split: {len(valid)} examples ({recipe.train.valid_size:.0%} of the training data, "
+                     f"{'stratified, ' if classify else ''}grouped{' by ' + group if group else ' by source record'}, "
+                     f"seed {seed})")
+    else:
+        return train, None
+    seen = pc.is_in(train.keys(), value_set=pc.unique(valid.keys()))
+    leaked = int(pc.sum(seen).as_py() or 0)
+    if leaked:
+        train.table = train.table.filter(pc.invert(seen))
+        notes.append(f"removed {leaked} training examples whose text is also in the validation set")
+        if not len(train):
+            raise DataError("every training example also appears in the validation set; use different files")
+    return train, valid
 
 
 def load_splits(task: Task, recipe) -> Splits:  # noqa: ANN001 - a Recipe
     """:func:`split_data`, then the examples the trainer and evaluator need."""
     data = split_data(task, recipe)
     return Splits(train=data.train.examples(task), test=data.test.examples(task), labels=data.labels,
-                  leaked_removed=data.leaked_removed, notes=data.notes, dropped=data.dropped)
+                  leaked_removed=data.leaked_removed, notes=data.notes, dropped=data.dropped,
+                  valid=data.valid.examples(task) if data.valid is not None else [])
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:

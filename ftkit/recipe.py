@@ -47,6 +47,8 @@ class TaskSection:
     test_file: str = _f("", "held-out test file; empty: split `test_size` off the training data", path=True)
     test_size: float = _f(0.2, "fraction held out for testing when there is no `test_file`", low=0.0, high=0.9,
                           low_open=True)
+    valid_file: str = _f("", "validation file, evaluated during training (see `train.eval_steps`) to pick the best "
+                         "step and stop early; never the test data; empty: none, or `train.valid_size`", path=True)
     max_examples: int = _f(0, "sample at most this many examples (stratified, seeded); 0: all", low=0)
     labels: list = _f([], "label set for classification tasks; empty: the task's fixed set, else the training "
                       "data's labels", kind=str)
@@ -86,8 +88,22 @@ class TrainSection:
     max_seq_len: int = _f(256, "truncate examples to this many tokens", low=8)
     activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory (~20% slower)")
     seed: int = _f(42, "seed for sampling, splitting, initialization and data order", low=0)
+    valid_size: float = _f(0.0, "fraction of the training data (after the test split) held out for validation, "
+                           "split like the test set (stratified, grouped, seeded); 0: no validation unless "
+                           "`task.valid_file`", low=0.0, high=0.5)
+    eval_steps: int = _f(0, "with a validation set: evaluate it every N optimizer steps (and at the last step) "
+                         "with the task's headline metric (perplexity for generation tasks); 0: at each epoch's "
+                         "end", low=0)
+    early_stopping_patience: int = _f(0, "with a validation set: stop when the validation metric has not improved "
+                                      "for this many evaluations; 0: never stop early", low=0)
+    keep: str = _f("auto", "which weights are saved: the validation-best step's, or the last step's; auto: best "
+                   "with a validation set, else last", choices=("auto", "best", "last"))
     logging_steps: int = _f(10, "log the training loss every N steps", low=1)
-    save_steps: int = _f(0, "save a checkpoint every N steps; 0: only at the end", low=0)
+    save_minutes: float = _f(10.0, "save a checkpoint every this many minutes of training, besides the one at "
+                             "each epoch's end; the newest two are kept, and `ftkit run --resume` continues from the "
+                             "newest complete one; 0: none by time", low=0.0)
+    save_steps: int = _f(0, "save a checkpoint every N optimizer steps too; 0: none by steps (still at each epoch's "
+                         "end and every `save_minutes`)", low=0)
     deepspeed: str = _f("", "DeepSpeed config (JSON, e.g. ZeRO stage 2), relative to the recipe, passed to the "
                         "Trainer as is; needs `pip install deepspeed`, CUDA and a launcher (torchrun, accelerate "
                         "launch, ftkit run --nproc), see docs/distributed.md; empty: plain DDP", path=True)
@@ -269,7 +285,26 @@ def _cross_checks(sections: dict[str, Any], found: list[str]) -> list[str]:
         errors += _deepspeed_errors(Path(deepspeed))
     if sections["method"].name == "full" and sections["method"].target_modules:
         errors.append("method.target_modules: only for lora and qlora; full fine-tuning trains every weight")
+    errors += _validation_errors(sections["task"], sections["train"])
     return errors
+
+
+def _validation_errors(task: TaskSection, train: TrainSection) -> list[str]:
+    """The validation keys need a validation set, and it must be one set, apart from the test data."""
+    if task.valid_file and train.valid_size:
+        return ["train.valid_size: give task.valid_file or train.valid_size, not both"]
+    if task.valid_file and task.valid_file in (task.test_file, task.train_file):
+        which = "test_file" if task.valid_file == task.test_file else "train_file"
+        return [(f"task.valid_file: the same file as task.{which}; validation needs examples of its own (or use "
+                 "train.valid_size to carve them from the training data)")]
+    if task.valid_file or train.valid_size:
+        return []
+    fix = "set task.valid_file or train.valid_size"
+    return [f"train.{key}: {why} needs a validation set; {fix}" for key, why, on in (
+        ("keep", '"best"', train.keep == "best"),
+        ("early_stopping_patience", "early stopping", train.early_stopping_patience > 0),
+        ("eval_steps", "evaluating during training", train.eval_steps > 0),
+    ) if on]
 
 
 #: Models ``model.source = "builtin"`` provides (see ftkit/tiny.py and ftkit/gguf.py).

@@ -13,7 +13,10 @@ SCALARS_FIRST = ("accuracy", "macro_f1", "exact_match", "f1", "bleu", "rougeL", 
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """``data`` as indented JSON, written whole or not at all (a temporary file renamed into place)."""
+    from ftkit.folders import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -59,8 +62,9 @@ def most_confused(confusion: dict, limit: int = 10) -> list[tuple[str, str, int,
     return sorted(cells, key=lambda cell: (-cell[2], -cell[3], cell[0], cell[1]))[:limit]
 
 
-def plot_loss(log_history: list[dict], path: Path) -> bool:
-    """Training (and evaluation) loss against step; False when nothing was logged."""
+def plot_loss(log_history: list[dict], path: Path, validation: dict | None = None) -> bool:
+    """Training loss against step, and the validation metric (right axis, best step marked) when there
+    is one (metrics.json's ``validation``); False when nothing was logged."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     if not points:
         return False
@@ -70,11 +74,24 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(*zip(*points), marker="o", markersize=3, label="train loss")
+    lines = ax.plot(*zip(*points), marker="o", markersize=3, label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if validation and validation.get("history"):
+        metric = validation["metric"]
+        right = ax.twinx()
+        steps = [entry["step"] for entry in validation["history"]]
+        lines += right.plot(steps, [entry[metric] for entry in validation["history"]], marker="s", markersize=3,
+                            color="tab:orange", label=f"validation {metric}")
+        right.set_ylabel(f"validation {metric}")
+        if validation.get("best_step") is not None:
+            lines.append(ax.axvline(validation["best_step"], color="tab:green", linestyle="--",
+                                    label=f"best step ({validation['best_step']})"))
+        # Above the plot: inside, the right axis's curve would be drawn over it.
+        ax.legend(handles=lines, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -205,13 +222,31 @@ def write_report(folder: Path, summary: dict[str, Any], log_history: list[dict])
     lines += [f"- {note}" for note in notes]
     lines += [f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
               f"- optimizer steps: {summary['steps']}, time: {summary['train_seconds']:.1f} s on {summary['device']}"]
-    if plot_loss(log_history, folder / "loss.png"):
-        lines += ["", "![training loss](loss.png)"]
+    validation = summary.get("validation")
+    lines += _validation_lines(validation) if validation else []
+    if plot_loss(log_history, folder / "loss.png", validation):
+        lines += ["", f"![training loss{' and validation ' + validation['metric'] if validation else ''}](loss.png)"]
     if "confusion_matrix" in finetuned:
         lines += _confusion_section(folder, finetuned, against, verdict)
     lines += _showcase_section(summary)
     lines += ["", f"Reproduce: `ftkit run {summary['recipe_path']}` (resolved recipe: `recipe.toml`).", ""]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _validation_lines(validation: dict) -> list[str]:
+    """The Training section's lines on the validation set: how often, the best step, which weights were saved."""
+    metric, history, best = validation["metric"], validation["history"], validation["best_step"]
+    when = f"every {validation['eval_steps']} steps" if validation["eval_steps"] else "at each epoch's end"
+    better = "higher" if validation["higher_is_better"] else "lower"
+    lines = [f"- validation: {validation['examples']} examples, {metric} ({better} is better) {when}; "
+             + f"{len(history)} evaluations"]
+    if best is not None:
+        lines.append(f"- best validation {metric}: {validation['best_value']:.4f} at step {best}")
+    if validation.get("stopped_early_at"):
+        lines.append(f"- stopped early at step {validation['stopped_early_at']} (train.early_stopping_patience)")
+    kept = "the best step's" if validation.get("kept") == "best" else "the last step's"
+    lines.append(f"- saved weights: {kept} (train.keep)")
+    return lines
 
 
 def _showcase_section(summary: dict) -> list[str]:
@@ -266,8 +301,15 @@ def _confusion_section(folder: Path, finetuned: dict, against: dict | None, verd
     return lines
 
 
-def manifest(summary: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, Any]:
+def manifest(summary: dict[str, Any], data_hashes: dict[str, str], *, recipe: dict[str, Any] | None = None,
+             model_revision: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a run was made from: versions, seed, data hashes, the model's revision and the recipe as run.
+
+    ``made_by`` marks the folder as ftkit's: ``--overwrite`` replaces no other (ftkit.folders).
+    ``recipe`` is the resolved recipe with ``--set`` values and ``--auto-fit`` changes, as in recipe.toml.
+    """
     return {
+        "made_by": "ftkit",
         "versions": package_versions(),
         "platform": platform.platform(),
         "argv": sys.argv,
@@ -275,6 +317,8 @@ def manifest(summary: dict[str, Any], data_hashes: dict[str, str]) -> dict[str, 
         "data_sha256": data_hashes,
         "model": summary["model"],
         "model_path": summary["model_path"],
+        "model_revision": model_revision,
         "method": summary["method"],
         "device": summary["device"],
+        "recipe": recipe,
     }

@@ -78,8 +78,8 @@ def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool
     if grouped and labels is not None:  # the ungrouped draw keeps every class on both sides by construction
         missing = [str(label_names[code]) for code in np.setdiff1d(labels[train], labels[test])]
         if missing:
-            raise DataError(f"{data.source}: label(s) {', '.join(missing)} would be missing from the test split "
-                            f"(rows are kept together by group); add examples or raise {what}")
+            raise DataError(f"{data.source}: label(s) {', '.join(missing)} would be missing from the "
+                            f"{_held_out(what)} split (rows are kept together by group); add examples or raise {what}")
     if not len(train) or not len(test):
         raise DataError(f"{what}: a {test_size:.0%} split of {n} examples leaves one side empty; change it or add data")
     return (np.sort(train), np.sort(test)) if grouped else (train, test)
@@ -109,19 +109,26 @@ def _sorted_codes(column) -> tuple[pa.Array, np.ndarray]:  # noqa: ANN001 - a py
     return values.take(pa.array(order)), code_of[indices]
 
 
+def _held_out(what: str) -> str:
+    """What the split holds out: the validation set for ``train.valid_size``, else the test set."""
+    return "validation" if what == "train.valid_size" else "test"
+
+
 def _check_stratifiable(names: list, labels: np.ndarray, n: int, test_size: float, what: str, grouped: bool) -> None:
     import numpy as np
 
+    held = _held_out(what)
+    key = "valid" if held == "validation" else "test"  # task.valid_file / train.valid_size, task.test_*
     counts = np.bincount(labels, minlength=len(names))
     rare = sorted(str(name) for name, count in zip(names, counts) if count < 2)
     if rare:
         raise DataError(f"label(s) {', '.join(rare)} have fewer than 2 examples: a stratified split would leave "
-                        "them out of train or test; add examples or give task.test_file")
+                        f"them out of train or {held}; add examples or give task.{key}_file")
     classes, n_test = len(names), math.ceil(test_size * n)
     if not grouped and (n_test < classes or n - n_test < classes):
-        raise DataError(f"{what}: a {test_size:.0%} split of {n} examples gives {n_test} test and {n - n_test} "
-                        f"train examples; each needs at least one of the {classes} classes, so change test_size "
-                        "or add data")
+        raise DataError(f"{what}: a {test_size:.0%} split of {n} examples gives {n_test} {held} and {n - n_test} "
+                        f"train examples; each needs at least one of the {classes} classes, so change "
+                        f"{key}_size or add data")
 
 
 def _stratified_pick(codes: np.ndarray, k: int, seed: int, *, at_least_one: bool) -> np.ndarray:

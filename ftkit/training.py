@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,24 +14,58 @@ if TYPE_CHECKING:
     from ftkit.pipeline import FineTuneRun
 
 
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` folder, or None.
+#: Written into a checkpoint folder once every rank has written its files: the folder is complete.
+COMPLETE_MARK = "ftkit-complete.json"
 
-    The Trainer writes ``trainer_state.json`` last, so a checkpoint whose state file is present and
-    parses is complete; one cut short by a crash (SIGKILL mid-save) is skipped.
+
+def mark_complete(checkpoint: Path, *, final: bool) -> None:
+    """Mark ``checkpoint`` complete, listing its files' sizes (checked again before a resume uses it).
+
+    :param final: the checkpoint of the last step (training over; max_steps or early stopping): a
+        run resumed from it trains no further.
     """
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            try:
-                json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    from ftkit.folders import write_text_atomic
+
+    files = {str(path.relative_to(checkpoint)): path.stat().st_size
+             for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name != COMPLETE_MARK}
+    write_text_atomic(checkpoint / COMPLETE_MARK, json.dumps({"final": final, "files": files}, indent=1))
+
+
+def checkpoint_mark(checkpoint: Path) -> dict | None:
+    """The mark of a complete checkpoint (``{"final": bool, "files": {name: size}}``), or None.
+
+    Complete: marked, and every file listed is there with its size. A checkpoint a crash cut short
+    (SIGKILL while the Trainer wrote it) has no mark, and is never resumed from.
+    """
+    try:
+        mark = json.loads((checkpoint / COMPLETE_MARK).read_text(encoding="utf-8"))
+        if all((checkpoint / name).stat().st_size == size for name, size in mark["files"].items()):
+            return mark
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = [(re.fullmatch(r"checkpoint-(\d+)", path.name), path) for path in folder.iterdir()] \
+        if folder.is_dir() else []
+    return sorted((int(match.group(1)), path) for match, path in found if match and path.is_dir())
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder in ``folder`` (see :func:`checkpoint_mark`), or None."""
+    complete = [path for _, path in _checkpoints(folder) if checkpoint_mark(path) is not None]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Remove the checkpoints a crash cut short (before a resume: the Trainer would write into them again)."""
+    import shutil
+
+    removed = [path for _, path in _checkpoints(folder) if checkpoint_mark(path) is None]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def seeded_length_grouped_sampler(lengths: list[int], batch_size: int, seed: int):  # noqa: ANN201
@@ -138,6 +174,67 @@ def progress_callback(console: Console):  # noqa: ANN201 - a transformers.Traine
     return ProgressLines()
 
 
+def checkpoint_callback(run: FineTuneRun, clock: Callable[[], float] = time.monotonic):  # noqa: ANN201
+    """When to save checkpoints besides ``train.save_steps`` (the Trainer's own), and marking each complete.
+
+    A checkpoint is saved at each epoch's end (so also where training ends: max_steps, early
+    stopping), every ``train.save_minutes`` of training, and when a stop signal was noted
+    (:mod:`ftkit.interrupts`: save, then stop). With several processes the time is rank 0's and a
+    signal any rank's, shared at each step, so every rank saves at the same step. Once every rank
+    has written its files, rank 0 marks the folder complete (:func:`mark_complete`).
+    """
+    import signal
+
+    from transformers import TrainerCallback
+
+    from ftkit import distributed
+    from ftkit.interrupts import kill_point
+
+    minutes, steps = run.recipe.train.save_minutes, run.recipe.train.save_steps
+    stops = run.stops
+
+    class Checkpoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            self.saved_at = clock()
+            self.saved_step = state.global_step  # a resumed run's checkpoint is there already
+            self.why = ""
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            kill_point("training")
+            due = bool(minutes) and clock() - self.saved_at >= minutes * 60
+            signum = stops.signum or 0
+            if distributed.world_size() > 1:
+                votes = distributed.all_gather((due, signum))
+                due, signum = votes[0][0], next((vote for _, vote in votes if vote), 0)
+            if signum:
+                stops.signum = signum
+                control.should_save = control.should_training_stop = True
+                self.why = f"stopping on {signal.Signals(signum).name}"
+            elif due:
+                control.should_save = True
+                self.why = f"every {minutes:g} min"
+            elif control.should_save:
+                self.why = "last step" if state.global_step >= state.max_steps else f"every {steps} steps"
+
+        def on_epoch_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            if state.global_step != self.saved_step:
+                control.should_save = True
+                self.why = "last step" if control.should_training_stop or state.global_step >= state.max_steps \
+                    else f"end of epoch {round(state.epoch)}"
+
+        def on_save(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            final = (control.should_training_stop or state.global_step >= state.max_steps) and not stops.signum
+            kill_point("checkpoint-write")
+            distributed.all_gather(None)  # every rank has written its part (its RNG state, say)
+            distributed.on_main(lambda: mark_complete(folder, final=final))
+            self.saved_step, self.saved_at = state.global_step, clock()
+            run.echo.event("checkpoint", f"Checkpoint at step {state.global_step} ({self.why}): {folder}",
+                           step=state.global_step, path=str(folder), reason=self.why)
+
+    return Checkpoints()
+
+
 def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     import torch
     from torch.utils.tensorboard import SummaryWriter
@@ -168,7 +265,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         logging_first_step=True,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,
-        save_total_limit=2,  # the newest two: one may be cut short by a crash
+        save_total_limit=2,  # the newest two; checkpoint_callback adds epoch ends, save_minutes, stops
         seed=train.seed,
         data_seed=train.seed,
         # A bf16 model trains in bf16 as loaded, without autocast (peft keeps adapters in fp32 and
@@ -196,7 +293,7 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     # Rank 0 alone writes TensorBoard logs (a writer creates its folder at once).
     callbacks = [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.work / "tensorboard")))] \
         if distributed.is_main() else []
-    callbacks.append(progress_callback(run.echo))
+    callbacks += [progress_callback(run.echo), checkpoint_callback(run)]
     features = build_features(run)
 
     class FtkitTrainer(Trainer):
@@ -208,6 +305,16 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
                 # by grad_accum and multiply it by the world size (both meant for token-summed losses),
                 # so the loss and gradients came out grad_accum x world size too large.
                 self.model_accepts_loss_kwargs = False
+
+        def _run_epoch(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            # Resumed from the last step's checkpoint (killed during the final evaluation or the
+            # save): nothing is left to train. The Trainer would otherwise take one more step when
+            # max_steps ends mid-epoch, or go on training after an early stop.
+            checkpoint = kwargs.get("resume_from_checkpoint")
+            if self.state.global_step >= self.state.max_steps or \
+                    (checkpoint and (checkpoint_mark(Path(checkpoint)) or {}).get("final")):
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
             return seeded_length_grouped_sampler(

@@ -419,8 +419,14 @@ def merge(run: RunFolder, out: str | Path, *, overwrite: bool = False, dtype: st
           echo: Echo = print) -> Path:
     """Fold the LoRA weights into the base and save a standalone model (safetensors) with the tokenizer.
 
-    Written into a temporary folder beside ``out`` and renamed into place when complete.
+    Written into a temporary folder beside ``out`` and renamed into place when complete, with
+    :data:`ftkit.folders.MERGE_MARK` (the run and the base it came from): ``overwrite`` replaces only
+    a folder ftkit made (ftkit.folders).
     """
+    from ftkit import __version__
+    from ftkit.folders import MERGE_MARK, check_replaceable
+    from ftkit.report import write_json
+
     out = Path(out)
     if not run.is_adapter:
         raise UsageError(f"{run.path}: a full fine-tuning run; {run.weights} is already a standalone model")
@@ -430,6 +436,8 @@ def merge(run: RunFolder, out: str | Path, *, overwrite: bool = False, dtype: st
         raise UsageError(f"{out}: is a file; give a folder to write the merged model to")
     if out.resolve() == run.path.resolve() or out.resolve() in run.path.resolve().parents:
         raise UsageError(f"{out}: holds the run folder {run.path}; write the merged model somewhere else")
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, "-o", [("the run's folder", run.path)])
     echo(f"Run {run.path}: {run.task.name}, {run.head} head, {run.method}")
     if run.method == "qlora":
         echo("Notice: QLoRA run: merging into the base loaded unquantized (dequantized) in the compute dtype; "
@@ -441,6 +449,8 @@ def merge(run: RunFolder, out: str | Path, *, overwrite: bool = False, dtype: st
     try:
         merged.save_pretrained(work)  # transformers 5 writes safetensors only (no pickle format left)
         tokenizer.save_pretrained(work)
+        write_json(work / MERGE_MARK, {"made_by": "ftkit", "versions": {"ftkit": __version__},
+                                       "run": str(run.path.resolve()), "base_model": run.recipe.model.id})
         pickled = [p.name for p in work.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickled:
             raise ModelError(f"merge wrote pickle files ({', '.join(pickled)}); expected safetensors only")

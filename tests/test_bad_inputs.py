@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from ftkit.cli import main
+from ftkit.folders import MERGE_MARK, RUN_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_ROW = '{"text": "今天收到禮物，好開心", "emotion": "喜悅"}\n'
@@ -126,6 +127,42 @@ CASES = [
     ("tsv-with-commas", {"data.tsv": "text,label\n今天好開心,喜悅\n好難過,悲傷\n"}, ["--set", 'task.train_file="data.tsv"'],
      ("{d}/data.tsv: no column for the field 'text' (looked for 'text' or 'input'); its columns: text,label; the "
       "header looks separated by commas, not by tabs: name the file .csv")),
+    # --- validation and early stopping (issue 18) --------------------------------------------
+    ("valid-size-too-big", {"r.toml": recipe(train="valid_size = 0.7")}, [],
+     "{d}/r.toml: train.valid_size: must be at most 0.5, got 0.7"),
+    ("valid-size-negative", {"r.toml": recipe(train="valid_size = -0.1")}, [],
+     "{d}/r.toml: train.valid_size: must be at least 0, got -0.1"),
+    ("valid-size-too-few-per-class", {"data.jsonl": emotion_rows(10)}, ["--set", "train.valid_size=0.1"],
+     ("train.valid_size: a 10% split of 48 examples gives 5 validation and 43 train examples; each needs at least "
+      "one of the 6 classes, so change valid_size or add data")),
+    ("valid-file-missing", {"data.jsonl": emotion_rows(10)}, ["--set", 'task.valid_file="valid.jsonl"'],
+     "{d}/valid.jsonl: no such file; check the path"),
+    ("valid-file-is-test-file", {"r.toml": recipe(task=emotion_task('test_file = "t.jsonl"\nvalid_file = "t.jsonl"'))},
+     [], ("{d}/r.toml: task.valid_file: the same file as task.test_file; validation needs examples of its own (or "
+          "use train.valid_size to carve them from the training data)")),
+    ("valid-file-copies-train", {"data.jsonl": emotion_rows(10), "valid.jsonl": emotion_rows(10)},
+     ["--set", 'task.valid_file="valid.jsonl"'],
+     "every training example also appears in the validation set; use different files"),
+    ("valid-file-copies-test", {"data.jsonl": emotion_rows(10), "t.jsonl": emotion_rows(3), "v.jsonl": emotion_rows(3)},
+     ["--set", 'task.test_file="t.jsonl"', "--set", 'task.valid_file="v.jsonl"'],
+     "{d}/v.jsonl: every validation example also appears in the test split; use different files"),
+    ("valid-file-and-valid-size", {"r.toml": recipe(task=emotion_task('valid_file = "v.jsonl"'),
+                                                    train="valid_size = 0.1")}, [],
+     "{d}/r.toml: train.valid_size: give task.valid_file or train.valid_size, not both"),
+    ("keep-best-without-validation", {"r.toml": recipe(train='keep = "best"')}, [],
+     '{d}/r.toml: train.keep: "best" needs a validation set; set task.valid_file or train.valid_size'),
+    ("keep-unknown", {"r.toml": recipe(train='keep = "first"')}, [],
+     "{d}/r.toml: train.keep: 'first' is not one of auto, best, last"),
+    ("patience-without-validation", {"r.toml": recipe(train="early_stopping_patience = 3")}, [],
+     ("{d}/r.toml: train.early_stopping_patience: early stopping needs a validation set; set task.valid_file or "
+      "train.valid_size")),
+    ("patience-not-an-integer", {"r.toml": recipe(train='early_stopping_patience = "2"')}, [],
+     "{d}/r.toml: train.early_stopping_patience: expected an integer, got a string '2'"),
+    ("eval-steps-negative", {"r.toml": recipe(train="eval_steps = -5")}, [],
+     "{d}/r.toml: train.eval_steps: must be at least 0, got -5"),
+    ("eval-steps-without-validation", {"data.jsonl": GOOD_EMOTION}, ["--set", "train.eval_steps=10"],
+     ("{d}/r.toml: train.eval_steps: evaluating during training needs a validation set; set task.valid_file or "
+      "train.valid_size")),
     # --- recipes ----------------------------------------------------------------------------
     ("unknown-key", {"data.jsonl": GOOD_EMOTION, "r.toml": recipe(train="epoch = 3")}, [],
      "{d}/r.toml: train.epoch: unknown key; did you mean `epochs`?"),
@@ -183,6 +220,33 @@ CASES = [
      "output.dir: {d}/out already exists; pass --overwrite or choose another dir"),
     ("interrupted-run-present", {"data.jsonl": GOOD_EMOTION, "out.partial/recipe.toml": "x"}, [],
      "{d}/out.partial holds an interrupted run: continue it with --resume, or pass --overwrite to start over"),
+    # --- checkpoints, --overwrite and --resume (issue 18): refused before anything is touched --
+    ("save-minutes-negative", {"r.toml": recipe(train="save_minutes = -1")}, [],
+     "{d}/r.toml: train.save_minutes: must be at least 0, got -1.0"),
+    ("save-minutes-not-a-number", {"r.toml": recipe(train='save_minutes = "10m"')}, [],
+     "{d}/r.toml: train.save_minutes: expected a number, got a string '10m'"),
+    ("save-steps-negative", {"r.toml": recipe(train="save_steps = -10")}, [],
+     "{d}/r.toml: train.save_steps: must be at least 0, got -10"),
+    ("overwrite-a-users-folder", {"data.jsonl": GOOD_EMOTION, "out/notes.txt": "mine"}, ["--overwrite"],
+     (f"output.dir: {{d}}/out is not a folder ftkit made (no ftkit {RUN_MARK} or {MERGE_MARK}); --overwrite replaces "
+      "only those and removed nothing: choose another folder or remove it yourself")),
+    ("overwrite-another-tools-manifest", {"data.jsonl": GOOD_EMOTION, "out/manifest.json": '{"name": "my web app"}'},
+     ["--overwrite"], "output.dir: {d}/out is not a folder ftkit made"),
+    ("overwrite-a-file", {"data.jsonl": GOOD_EMOTION, "out": "a file"}, ["--overwrite"],
+     ("output.dir: {d}/out is a file, not a folder ftkit made; --overwrite removed nothing, choose another folder or "
+      "remove it yourself")),
+    ("overwrite-the-recipes-folder", {"data.jsonl": GOOD_EMOTION}, ["--overwrite", "--set", 'output.dir="."'],
+     "output.dir: {d} is the recipe's folder; --overwrite never removes that, choose another folder"),
+    ("overwrite-a-folder-holding-the-recipe", {"data.jsonl": GOOD_EMOTION}, ["--overwrite", "--set", 'output.dir=".."'],
+     "output.dir: {d.parent} holds the recipe's folder; --overwrite never removes that, choose another folder"),
+    ("overwrite-a-partial-not-ftkits", {"data.jsonl": GOOD_EMOTION, "out.partial/mine.txt": "x"}, ["--overwrite"],
+     ("output.dir: {d}/out.partial is not an interrupted ftkit run (no recipe.toml); --overwrite removed nothing: "
+      "remove it yourself or choose another dir")),
+    ("resume-without-a-run", {"data.jsonl": GOOD_EMOTION}, ["--resume"],
+     "--resume: no interrupted run in {d}/out.partial; run without --resume"),
+    ("resume-a-changed-recipe", {"data.jsonl": GOOD_EMOTION, "out.partial/recipe.toml": "x"}, ["--resume"],
+     ("--resume: the recipe differs from the interrupted run's ({d}/out.partial/recipe.toml); resume with the same "
+      "recipe and --set values, or start over with --overwrite")),
 ]
 
 
@@ -216,7 +280,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, files, args, message):
 
 
 def test_the_corpus_is_large():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 80
 
 
 def test_bom_prefixed_files_are_accepted(tmp_path):
@@ -235,3 +299,36 @@ def test_unreadable_file(tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml")])
     assert result.exit_code == 1
     assert f"Error: {data}: permission denied; check the file's permissions" in result.output
+
+
+@pytest.mark.parametrize("which", ["home", "above-home", "current"])
+def test_overwrite_never_removes_the_home_or_current_folder(tmp_path, monkeypatch, which):
+    home, current = tmp_path / "home" / "me", tmp_path / "work"
+    for folder in (home, current, tmp_path / "recipes"):
+        folder.mkdir(parents=True)
+    (home / RUN_MARK).write_text('{"made_by": "ftkit"}', encoding="utf-8")  # even one that looks like a run
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(current)
+    target = {"home": home, "above-home": home.parent, "current": current}[which]
+    write_files(tmp_path / "recipes", {"data.jsonl": GOOD_EMOTION,
+                                       "r.toml": recipe(output=f"dir = {json.dumps(str(target))}")})
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "recipes" / "r.toml"), "--overwrite"])
+    what = {"home": "is your home folder", "above-home": "holds your home folder", "current": "is the current folder"}
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"Error: output.dir: {target} {what[which]}; --overwrite never removes that, choose "
+                             "another folder\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_resume_without_the_auto_fit_the_run_used_is_told_to_add_it(tmp_path):
+    from ftkit.recipe import load_recipe
+
+    write_files(tmp_path, {"data.jsonl": GOOD_EMOTION, "r.toml": recipe()})
+    fitted = load_recipe(tmp_path / "r.toml")
+    fitted.train.batch_size, fitted.train.grad_accum = 2, 2  # what --auto-fit chose, in the run's recipe.toml
+    write_files(tmp_path, {"out.partial/recipe.toml": fitted.to_toml()})
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "(its batch settings came from --auto-fit: resume with --auto-fit)" in result.output
+    assert os.listdir(tmp_path / "out.partial") == ["recipe.toml"]

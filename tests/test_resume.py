@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,9 +51,11 @@ def start_run(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(process: subprocess.Popen, checkpoint: Path, timeout: float = 300) -> None:
-    """Block until ``checkpoint`` is complete (its trainer_state.json exists)."""
+    """Block until ``checkpoint`` is complete (marked so, see ftkit.training.mark_complete)."""
+    from ftkit.training import COMPLETE_MARK
+
     deadline = time.monotonic() + timeout
-    while not (checkpoint / "trainer_state.json").is_file():
+    while not (checkpoint / COMPLETE_MARK).is_file():
         assert process.poll() is None, f"the run ended before {checkpoint.name}: {process.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, f"no {checkpoint.name} after {timeout} s"
         time.sleep(0.02)
@@ -75,7 +78,7 @@ def test_two_runs_with_the_same_seed_are_identical(reference, tmp_path):
 
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     out = tmp_path / "killed"
-    kill_at = int(os.environ.get("FTKIT_TEST_KILL_AT", 0)) or random.Random().choice([10, 20, 30, 40, 50])
+    kill_at = int(os.environ.get("FTKIT_TEST_KILL_AFTER", 0)) or random.Random().choice([10, 20, 30, 40, 50])
     print(f"killing after checkpoint-{kill_at}")
     process = start_run(out)
     wait_for_checkpoint(process, out.with_name("killed.partial") / "checkpoints" / f"checkpoint-{kill_at}")
@@ -94,7 +97,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(reference
     assert_same_results(reference, out)
 
 
-def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_where_it_stops_and_names_it(tmp_path):
+    from ftkit.training import newest_checkpoint
+
     out = tmp_path / "interrupted"
     process = start_run(out)
     partial = out.with_name("interrupted.partial")
@@ -104,8 +109,10 @@ def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert stderr.rstrip().endswith("Error: interrupted")
-    assert f"Interrupted; last checkpoint: {partial}/checkpoints/checkpoint-" in stdout
-    assert f"Continue with: ftkit run {QUICKSTART} --resume" in stdout
+    checkpoint = newest_checkpoint(partial / "checkpoints")
+    assert f"Checkpoint at step {checkpoint.name.rpartition('-')[2]} (stopping on SIGINT): {checkpoint}" in stdout
+    command = shlex.join(["ftkit", "run", QUICKSTART, *SHORT, *out_arg(out), "--resume"])
+    assert stdout.splitlines()[-1] == f"Interrupted; last checkpoint: {checkpoint}. Continue with: {command}"
     assert partial.is_dir() and not out.exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,54 @@ def test_an_existing_run_folder_is_not_overwritten(quickstart_run):
     assert again.returncode == 2
     assert again.stderr == f"Error: output.dir: {out} already exists; pass --overwrite or choose another dir\n"
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_the_manifest_records_what_the_run_was_made_from(quickstart_run):
+    import tomllib
+
+    out, _ = quickstart_run
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["made_by"] == "ftkit"
+    assert {"ftkit", "torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["versions"])
+    assert manifest["model_revision"]["fingerprint"].startswith("sha256:")  # a built-in model: no hub commit
+    assert manifest["recipe"] == tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))
+    assert manifest["recipe"]["train"]["seed"] == manifest["seed"] == 42
+
+
+def test_quickstart_killed_mid_training_resumes_to_the_uninterrupted_result(quickstart_run, tmp_path):
+    """The acceptance test of issue 18: the recipe as shipped (no train.save_steps), kill -9, --resume."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_resume import assert_same_results, wait_for_checkpoint
+
+    reference, _ = quickstart_run
+    out = tmp_path / "quickstart"
+    partial = tmp_path / "quickstart.partial"
+    command = [sys.executable, "-m", "ftkit", "run", str(QUICKSTART), "--set", f"output.dir={toml_str(out)}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(process, partial / "checkpoints" / "checkpoint-60")  # the second epoch's end
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    resumed = run_ftkit("run", str(QUICKSTART), "--set", f"output.dir={toml_str(out)}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"^Resuming from {re.escape(str(partial))}/checkpoints/checkpoint-(60|90|120)$",
+                     resumed.stdout, re.MULTILINE), resumed.stdout[-3000:]
+    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
+    assert_same_results(reference, out)
+
+
+def test_overwrite_replaces_a_run_folder_ftkit_made(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"made_by": "ftkit", "versions": {"ftkit": "0.1.0"}}', encoding="utf-8")
+    (out / "old.txt").write_text("from the run before", encoding="utf-8")
+    done = run_ftkit("run", str(QUICKSTART), "--set", "train.max_steps=3", "--set", "eval.baseline=false",
+                     "--set", "eval.max_examples=12", "--set", f"output.dir={toml_str(out)}", "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (out / "old.txt").exists() and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_bad_data_fails_with_file_and_line_and_leaves_no_run_folder(tmp_path):

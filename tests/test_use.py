@@ -7,6 +7,7 @@ terminal or stdin matters (chat), which runs as a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -257,16 +258,30 @@ def test_merged_classifier_model_gives_the_adapters_logits(classifier_run, tmp_p
     assert list(config["id2label"].values()) == LABELS
 
 
-def test_merge_refuses_an_existing_folder_unless_overwrite(causal_run, tmp_path):
+def test_merge_refuses_an_existing_folder_and_overwrites_only_a_merged_model(causal_run, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine", encoding="utf-8")
     refused = ftkit("merge", causal_run, "-o", out)
     assert_one_line_error(refused, 2, f"{out}: already exists; pass --overwrite")
-    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
+    not_ours = ftkit("merge", causal_run, "-o", out, "--overwrite")
+    assert_one_line_error(not_ours, 2, f"-o: {out} is not a folder ftkit made (no ftkit manifest.json or "
+                          "ftkit-merge.json); --overwrite replaces only those and removed nothing")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text(encoding="utf-8") == "mine"
+    with contextlib.chdir(out):
+        assert_one_line_error(ftkit("merge", causal_run, "-o", tmp_path, "--overwrite"), 2,
+                              f"-o: {tmp_path} holds the current folder; --overwrite never removes that")
+    assert_one_line_error(ftkit("merge", causal_run, "-o", causal_run.parent, "--overwrite"), 2,
+                          f"{causal_run.parent}: holds the run folder {causal_run}")
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert ftkit("merge", causal_run, "-o", out).exit_code == 0
+    mark = json.loads((out / "ftkit-merge.json").read_text(encoding="utf-8"))
+    assert mark["made_by"] == "ftkit" and mark["run"] == str(causal_run.resolve())
+    (out / "extra.txt").write_text("left by someone", encoding="utf-8")
     replaced = ftkit("merge", causal_run, "-o", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "extra.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 

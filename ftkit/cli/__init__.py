@@ -69,12 +69,13 @@ class FtkitGroup(click.Group):
             if distributed.is_main():
                 _print_error(str(error))
             ctx.exit(error.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
             if debug:
                 raise
             if distributed.is_main():
-                _print_error("interrupted")
-            ctx.exit(130)
+                _print_error(str(error) or "interrupted")
+            # Ctrl-C, or a signal a run stopped on (ftkit.interrupts.Stopped): 128 + its number.
+            ctx.exit(getattr(error, "exit_code", 130))
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence

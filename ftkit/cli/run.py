@@ -16,9 +16,10 @@ Examples:
   $ ftkit run recipes/quickstart.toml                 # SmolLM2-135M, CPU, offline, a few minutes
   $ ftkit run recipes/emotion.toml --set train.lr=2e-5 --set train.epochs=1
   $ ftkit run recipes/emotion.toml --dry-run          # resolved recipe + memory estimate, no training
+  $ ftkit run recipes/emotion.toml --set train.valid_size=0.1 --set train.early_stopping_patience=3  # best step kept
   $ ftkit run recipes/emotion.toml --overwrite        # replace an existing run folder
-  $ ftkit run recipes/emotion.toml --set train.save_steps=200   # checkpoints every 200 steps
-  $ ftkit run recipes/emotion.toml --resume           # continue after a crash or Ctrl-C
+  $ ftkit run recipes/emotion.toml --set train.save_minutes=5   # a checkpoint every 5 minutes
+  $ ftkit run recipes/emotion.toml --resume           # continue after a crash, Ctrl-C or SIGTERM
   $ ftkit run recipes/tiny.toml --quiet               # warnings, errors and the final results only
   $ ftkit run recipes/tiny.toml --json-logs | jq -c 'select(.event == "step") | [.step, .loss]'
   $ ftkit run recipes/emotion.toml --nproc 4          # 4 processes (GPUs), DDP; see docs/distributed.md
@@ -32,8 +33,12 @@ Examples:
               help="Check everything but the model: print the resolved recipe, load and check the data with the "
                    "mapping (counts per split, labels, what was dropped), and the memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print it all as one JSON object.")
-@click.option("--overwrite", is_flag=True, help="Replace output.dir if it exists (only once the new run is complete).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its newest complete checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace output.dir if it exists, only once the new run is complete, and only if it is a run "
+                   "folder ftkit made (anything else is refused, untouched).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run (a crash, kill -9, Ctrl-C, SIGTERM) from its newest complete "
+                   "checkpoint; one is saved at each epoch's end and every train.save_minutes.")
 @click.option("--auto-fit", is_flag=True,
               help="When the estimate exceeds the GPU's free memory: lower the batch (raising gradient "
                    "accumulation to keep the effective batch), then turn on activation checkpointing.")
@@ -89,7 +94,7 @@ def run(ctx: click.Context, recipe_path: str, overrides: tuple[str, ...], dry_ru
     except BaseException as error:
         # The one-line error still goes to stderr (ftkit.cli); a script reading the JSON sees it too.
         if json_logs and distributed.is_main():
-            message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+            message = str(error) or "interrupted"
             console.event("error", message, level="error", type=type(error).__name__)
         raise
 
@@ -121,7 +126,9 @@ def _dry_run(recipe, recipe_path: str, auto_fit: bool, gpus: int, as_json: bool)
     click.echo(recipe.to_toml())
     click.echo(f"# model ({recipe.model.source} {recipe.model.id}): {model_location(recipe)}")
     source = recipe.task.train_file or task.hub_dataset
-    click.echo(f"# data ({source}): {summary['train_examples']} train / {summary['test_examples']} test examples")
+    valid = f"{summary['valid_examples']} validation / " if "valid_examples" in summary else ""
+    click.echo(f"# data ({source}): {summary['train_examples']} train / {valid}{summary['test_examples']} test "
+               "examples")
     if data.labels:
         shown = ", ".join(data.labels[:20]) + (f", ... ({len(data.labels)} in all)" if len(data.labels) > 20 else "")
         origin = ("task.labels" if recipe.task.labels else f"{task.name}'s label set" if task.labels

@@ -198,7 +198,9 @@ Examples:
 )
 @RUN
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder to create.")
-@click.option("--overwrite", is_flag=True, help="Replace the folder if it exists (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the folder if it exists, only once the new one is complete, and only if it is a merged "
+                   "model ftkit made (anything else is refused, untouched).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weight dtype; auto: the run's compute dtype.")
 def merge(run_dir: Path, output: Path, overwrite: bool, dtype: str) -> None:
