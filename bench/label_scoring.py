@@ -7,8 +7,9 @@ names a local Hugging Face folder of a causal LM), batch size 16, ``max_seq_len`
 
 - brute force: ``ftkit.evaluator.label_scores_brute_force``, one full prompt + answer forward per
   (example, label), vocabulary logits at every position (how ftkit scored labels before);
-- fast: ``ftkit.evaluator.label_scores``, one forward per prompt and its KV cache reused for every
-  label's answer tokens, vocabulary logits only where scored.
+- fast: ``ftkit.evaluator.label_scores``: the tokens every prompt starts with run once, each
+  prompt's own tokens once, and its labels side by side after its KV cache (a 4-D mask keeps them
+  apart), vocabulary logits only where scored.
 
 Labels: the bank-intent task's 5, and BANKING77's 77 intent names; examples: the bank-intent test
 fixture's customer messages (cycled), prompted two ways: as the bank-intent task prompts them

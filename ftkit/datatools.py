@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ def usual_permissions(root: Path) -> None:
     mkstemp/mkdtemp make owner-only files and folders, and safetensors writes 0600 files; outputs
     meant to be shared (a run folder a server reads, a merged model) should not stay that way.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    from ftkit.folders import process_umask
+
+    umask = process_umask()
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     for path in paths:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -36,19 +36,14 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
 
     import jsonlines
 
+    from ftkit.folders import atomic_writer
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out, jsonlines.Writer(out, dumps=partial(json.dumps, ensure_ascii=False)) as writer:
-            for row in rows:
-                writer.write(row)
-                count += 1
-        usual_permissions(Path(tmp))  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as out, jsonlines.Writer(out, dumps=partial(json.dumps, ensure_ascii=False)) as writer:
+        for row in rows:
+            writer.write(row)
+            count += 1
     return count
 
 

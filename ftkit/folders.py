@@ -10,12 +10,14 @@ them, whatever it holds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from ftkit.errors import UsageError
 
@@ -25,21 +27,33 @@ MERGE_MARK = "ftkit-merge.json"
 RUN_MARK = "manifest.json"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed into place."""
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text file whose contents replace ``path`` only once the block ends without an error.
+
+    Written under a temporary name beside ``path`` and renamed into place; on an error the
+    temporary file goes and ``path`` is left as it was. The file gets the umask's permissions
+    (mkstemp makes owner-only files).
+    """
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes owner-only files
+            yield file
+        os.chmod(temporary, 0o666 & ~process_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as file:
+        file.write(text)
+
+
 @functools.cache
-def _umask() -> int:
+def process_umask() -> int:
     """The process's umask (read once: reading it means setting it for a moment)."""
     mask = os.umask(0)
     os.umask(mask)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -191,16 +190,11 @@ def shape_from_config(config: Path, *, name: str | None = None) -> ModelShape:
 
 
 def cached_config(model_id: str) -> Path | None:
-    """The config.json of ``model_id`` in the local Hugging Face or ModelScope cache, if there."""
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    hf_hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")).expanduser()
-    snapshots = hf_hub / f"models--{model_id.replace('/', '--')}" / "snapshots"
-    if snapshots.is_dir():
-        found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
-    ms_root = Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope")).expanduser()
-    for folder in (ms_root / "hub" / "models" / model_id, ms_root / "hub" / model_id, ms_root / model_id):
-        if (folder / "config.json").is_file():
-            return folder / "config.json"
-    return None
+    """The config.json of ``model_id`` in the local Hugging Face or ModelScope cache, if there.
+
+    The same folders ``ftkit run`` would load offline (:mod:`ftkit.hub`'s look-ups, from disk only).
+    """
+    from ftkit.hub import huggingface_cached_model, modelscope_cached_model
+
+    folder = huggingface_cached_model(model_id) or modelscope_cached_model(model_id)
+    return folder / "config.json" if folder is not None else None

@@ -10,12 +10,8 @@ each epoch's end and every ``train.save_minutes`` (:mod:`ftkit.training`); SIGIN
 stop a run as Ctrl-C does (:mod:`ftkit.interrupts`); ``--overwrite`` replaces only a run folder
 ftkit made (:mod:`ftkit.folders`).
 
-Baselines (classification): ``majority`` (always the most frequent training label) and
-``zero_shot`` (the base model choosing a label through its LM head, also when the recipe trains a
-classifier head). A classifier-head run also evaluates its base model with the newly initialized
-head, reported as ``random_head`` and never the comparison. Generation: the base model's zero-shot
-replies. :mod:`ftkit.stats` gives every model its 95% interval and the fine-tuned model its verdict
-against the best baseline.
+Baselines (:mod:`ftkit.baselines`) are evaluated before training; what a finished run writes,
+its intervals and verdict included, is :mod:`ftkit.results`.
 
 Under torchrun or ``accelerate launch`` (see docs/distributed.md) every rank runs every step, but
 only rank 0 prints and touches the run folder; :mod:`ftkit.distributed` says who does what.
@@ -24,7 +20,6 @@ only rank 0 prints and touches the run folder; :mod:`ftkit.distributed` says who
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import signal
 import time
@@ -33,15 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ftkit import distributed
+from ftkit.baselines import BASELINES, evaluate_baselines
 from ftkit.console import Console
 from ftkit.errors import ConfigError, FtkitError, UsageError
 from ftkit.folders import write_text_atomic
 from ftkit.interrupts import Stopped, StopRequests, kill_point
 from ftkit.recipe import Recipe
+from ftkit.results import save
 from ftkit.tasks import Task
-
-#: The models a fine-tuned model is judged against (the best of those that ran); never the random head.
-BASELINES = ("majority", "zero_shot")
 
 T = TypeVar("T")
 
@@ -89,13 +83,13 @@ class FineTuneRun:
             distributed.main_first(self.load_data)
             distributed.together(self.check_test_split)
             distributed.together(self.load_model)
-            self.baselines = self.evaluate_baselines()
+            self.baselines = evaluate_baselines(self)
             training = True
             self.train()
             self.finetuned = self.evaluate("finetuned")
             kill_point("final-eval")
             self.finetuned["showcase"] = self.answer_showcase(self.model, self.head)
-            distributed.on_main(self.save)
+            distributed.on_main(lambda: save(self))
         except BaseException as error:
             if distributed.is_main() and not training and self.made_work:
                 shutil.rmtree(self.work, ignore_errors=True)
@@ -308,101 +302,6 @@ class FineTuneRun:
             if bars:
                 hf_logging.enable_progress_bar()
 
-    def evaluate_baselines(self) -> dict[str, Any]:
-        """The baselines' results, saved so a resumed run does not evaluate them again.
-
-        ``{"majority": result | None, "zero_shot": result | None, "random_head": result | None,
-        "notes": [...]}``, each result ``{"metrics", "predictions"}``.
-        """
-        saved = self.work / "baseline.json"
-        if self.resume:
-            kept, problem = distributed.from_main(lambda: _read_baselines(saved, len(self.test)))
-            if kept is not None:
-                self.echo("baselines: evaluations kept from the interrupted run")
-                self.notes += kept["notes"]
-                return kept
-            if problem:
-                self.echo(f"Notice: {saved} {problem}; evaluating the baselines again")
-        notes: list[str] = []
-        result: dict[str, Any] = {"majority": self.evaluate_majority(), "zero_shot": None, "random_head": None}
-        kill_point("baselines")
-        if not self.recipe.eval.baseline:
-            notes.append("eval.baseline = false: the base model was not evaluated (no zero-shot baseline)")
-        elif self.head == "classifier":
-            result["random_head"] = self.evaluate("random_head")
-            result["zero_shot"] = self.evaluate_zero_shot_lm(notes)
-        else:
-            # The LoRA adapters start as the identity: this is the base model answering zero-shot.
-            result["zero_shot"] = self.evaluate("zero_shot")
-            result["zero_shot"]["showcase"] = self.answer_showcase(self.model, "causal")
-        for note in notes:
-            self.echo(f"Notice: {note}")
-        self.notes += notes
-        result["notes"] = notes
-        distributed.on_main(lambda: write_text_atomic(saved, json.dumps(result, ensure_ascii=False)))
-        return result
-
-    def evaluate_majority(self) -> dict[str, Any] | None:
-        """Always the most frequent training label: what any real model must beat (classification only)."""
-        from ftkit.metrics import task_metrics
-        from ftkit.stats import majority_label
-
-        if not self.labels:
-            return None
-        label = majority_label([e.target for e in self.splits.train], self.labels)
-        predictions = [label] * len(self.test)
-        metrics = task_metrics(self.task, predictions, [e.references for e in self.test], self.labels)
-        self.say_score("majority", metrics, f"majority baseline ({label})", label=label)
-        return {"metrics": metrics, "predictions": predictions, "label": label,
-                "showcase": [label] * len(self.recipe.eval.showcase)}
-
-    def evaluate_zero_shot_lm(self, notes: list[str]) -> dict[str, Any] | None:
-        """A classifier-head run's zero-shot baseline: the same base weights as a causal LM, scoring labels.
-
-        Skipped with a note when the model has no LM head, or cannot be loaded or run that way.
-        """
-        from dataclasses import replace
-
-        from ftkit.evaluator import evaluate
-        from ftkit.modeling import load_model
-
-        architectures = getattr(self.model.config, "architectures", None) or []
-        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            notes.append(f"zero-shot baseline skipped: {self.model_path} has no causal LM head "
-                         f"({', '.join(architectures)}); the majority baseline is the comparison")
-            return None
-        # The base weights without adapters (they would start as the identity anyway), unquantized.
-        recipe = replace(self.recipe, method=replace(self.recipe.method, name="full"))
-
-        def load() -> tuple[Any, str | None]:
-            try:
-                return load_model(self.model_path, recipe, "causal", self.labels, self.tokenizer).model, None
-            except Exception as error:  # noqa: BLE001 - a base that cannot load as an LM: no baseline, still a run
-                return None, f"{type(error).__name__}: {error}"
-
-        (causal, error), seconds = self._load(f"{self.model_path} with its LM head (zero-shot baseline)",
-                                              lambda: distributed.together(load))
-        if error is None:
-            self.echo.event("loaded", f"Loaded in {seconds:.1f} s", load_seconds=round(seconds, 2))
-        # Every rank skips if any could not load: the evaluation below is collective.
-        error = next((e for e in distributed.all_gather(error) if e), None)
-        result = None
-        if error is None:
-            try:
-                result = evaluate(causal, self.tokenizer, self.task, self.test, "causal", self.labels, self.recipe,
-                                  "zero-shot base model (LM head)")
-                result["showcase"] = self.answer_showcase(causal, "causal")
-            except Exception as failure:  # noqa: BLE001 - e.g. out of memory; every rank raises it together
-                error = f"{type(failure).__name__}: {failure}"
-        del causal
-        _free_gpu_cache()
-        if result is None:
-            notes.append(f"zero-shot baseline skipped: the base model could not score the labels as a causal LM "
-                         f"({error})")
-            return None
-        self.say_score("zero_shot", result["metrics"])
-        return result
-
     def evaluate(self, model: str) -> dict[str, Any]:
         """Every rank predicts its share of the test split; all get the gathered result.
 
@@ -516,98 +415,6 @@ class FineTuneRun:
                         f"{tracker.best_value:.4f}), not the last step's ({self.steps})", step=tracker.best_step,
                         metric=metric, value=tracker.best_value)
 
-    def _validation_record(self) -> dict[str, Any]:
-        """metrics.json's ``best_step`` and ``validation`` (its history: ``[{step, METRIC}]``); {} without one."""
-        if self.validation is None:
-            return {}
-        return {"best_step": self.validation.best_step,
-                "validation": self.validation.summary() | {"kept": self.kept}}
-
-    def save(self) -> None:
-        from ftkit.hub import model_revision
-        from ftkit.prepare import file_sha256
-        from ftkit.report import manifest, write_json, write_report
-
-        weights = self.work / ("adapter" if self.loaded.method in ("lora", "qlora") else "model")
-        self.model.save_pretrained(weights, safe_serialization=True)
-        self.tokenizer.save_pretrained(weights)
-        kill_point("save")
-        labels = {"head": self.head, "labels": self.labels,
-                  "id2label": dict(enumerate(self.labels)) if self.labels else None}
-        write_json(self.work / "labels.json", labels)
-        judged = self.judge()
-        self._save_test_split(judged["verdict"])
-        summary = {
-            "task": self.task.name, "model": self.recipe.model.id, "model_path": str(self.model_path),
-            "method": self.loaded.method, "head": self.head, "device": self.loaded.device,
-            "headline_metric": self.task.headline_metric, "seed": self.recipe.train.seed,
-            "train_examples": len(self.splits.train), "test_examples": len(self.test),
-            "trainable_params": self.trainable, "total_params": self.total, "steps": self.steps,
-            "train_seconds": self.train_seconds, "notes": self.notes,
-            "recipe_path": str(self.recipe.path) if self.recipe.path else "recipe.toml",
-            "baselines": {name: self.baselines[name] for name in BASELINES}, "labels": self.labels,
-            "random_head": self.baselines["random_head"], "finetuned": self.finetuned,
-            "ci95": judged["ci95"], "verdict": judged["verdict"], "test_warnings": self.test_warnings,
-            "showcase": list(self.recipe.eval.showcase),
-        } | self._validation_record()
-        self.summary = summary
-        metrics_of = lambda result: result["metrics"] if result else None  # noqa: E731
-        write_json(self.work / "metrics.json", {
-            k: summary[k] for k in ("task", "model", "method", "head", "headline_metric", "train_examples",
-                                    "test_examples", "steps", "seed")
-        } | {"baselines": {name: metrics_of(self.baselines[name]) for name in BASELINES},
-             "random_head": metrics_of(self.baselines["random_head"]),
-             "finetuned": self.finetuned["metrics"], "ci95": judged["ci95"], "verdict": judged["verdict"],
-             "test_warnings": self.test_warnings} | self._validation_record())
-        write_report(self.work, summary, self.log_history)
-        hashes = {name: file_sha256(path) for name, path in
-                  (("train_file", self.recipe.task.train_file), ("test_file", self.recipe.task.test_file),
-                   ("valid_file", self.recipe.task.valid_file)) if path}
-        hashes["test_split"] = file_sha256(self.work / "data" / "test.jsonl")
-        write_json(self.work / "manifest.json", manifest(summary, hashes, recipe=self.recipe.to_dict(),
-                                                         model_revision=model_revision(self.model_path)))
-        shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
-        shutil.rmtree(self.work / "best", ignore_errors=True)
-        (self.work / "baseline.json").unlink(missing_ok=True)
-
-    def judge(self) -> dict[str, Any]:
-        """Every model's 95% interval and the fine-tuned model's verdict against the best baseline."""
-        from ftkit.metrics import task_metrics
-        from ftkit.stats import compare
-
-        predictions = {name: result["predictions"] if result else None
-                       for name, result in self.baselines.items() if name != "notes"}
-        predictions["finetuned"] = self.finetuned["predictions"]
-        scores = {name: result["metrics"][self.task.headline_metric]
-                  for name, result in [*self.baselines.items(), ("finetuned", self.finetuned)]
-                  if name != "notes" and result and self.task.headline_metric in result["metrics"]}
-        return compare(self.task.headline_metric, predictions, [e.references for e in self.test],
-                       baselines=BASELINES, labels=self.labels, scores=scores, seed=self.recipe.train.seed,
-                       metrics_fn=lambda p, r: task_metrics(self.task, p, r, self.labels))
-
-    def _save_test_split(self, verdict: dict[str, Any] | None) -> None:
-        """The exact test examples (to re-evaluate the adapter later) and every model's predictions.
-
-        ``baseline_prediction`` is the prediction of the baseline the verdict compares with.
-        """
-        import jsonlines
-
-        (self.work / "data").mkdir(exist_ok=True)
-        examples = [{"input": e.input, "target": e.target, "references": list(e.references),
-                     "instruction": e.instruction, "system": e.system}
-                    | ({"pair": e.pair} if e.pair else {}) | ({"messages": list(e.messages)} if e.messages else {})
-                    for e in self.test]
-        with jsonlines.open(self.work / "data" / "test.jsonl", "w") as writer:
-            writer.write_all(examples)
-        against = self.baselines[verdict["against"]] if verdict else None
-        columns = {"baseline_prediction": against["predictions"] if against else [None] * len(self.test)}
-        for name in ("zero_shot", "random_head"):
-            if self.baselines.get(name):
-                columns[f"{name}_prediction"] = self.baselines[name]["predictions"]
-        with jsonlines.open(self.work / "predictions.jsonl", "w") as writer:
-            writer.write_all({"target": e.target, "prediction": p} | {k: v[i] for k, v in columns.items()}
-                             for i, (e, p) in enumerate(zip(self.test, self.finetuned["predictions"])))
-
     def finish(self) -> Path:
         """Move the complete run folder into place (replacing the old one only now, if asked)."""
         from ftkit.folders import check_replaceable
@@ -634,21 +441,6 @@ class FineTuneRun:
         return self.output
 
 
-def _read_baselines(path: Path, test_examples: int) -> tuple[dict[str, Any] | None, str | None]:
-    """An interrupted run's baseline.json: (the results, None) if whole and for this test split, else (None, why)."""
-    if not path.is_file():
-        return None, None
-    try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        return None, f"is unreadable ({type(error).__name__})"
-    results = [kept.get(name) for name in (*BASELINES, "random_head")] if isinstance(kept, dict) else None
-    whole = results is not None and isinstance(kept.get("notes"), list) and all(
-        result is None or (isinstance(result, dict) and isinstance(result.get("metrics"), dict)
-                           and len(result.get("predictions") or ()) == test_examples) for result in results)
-    return (kept, None) if whole else (None, "does not hold a baseline result for each test example")
-
-
 #: The train keys --auto-fit may change (ftkit.fit): a resumed run takes them from the interrupted run's recipe.toml.
 FITTED_KEYS = ("batch_size", "grad_accum", "activation_checkpointing")
 
@@ -671,17 +463,6 @@ def _with_fitted_settings(recipe: Recipe, saved_text: str) -> Recipe:
 
 def _silent(_: str) -> None:
     """The echo of ranks other than 0."""
-
-
-def _free_gpu_cache() -> None:
-    """Hand a dropped model's GPU memory back before training needs it."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _least_free_gpu_memory() -> int | None:

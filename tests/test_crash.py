@@ -32,7 +32,7 @@ def run_until_killed(out: Path, point: str, *extra: str, signal_name: str = "KIL
 
 def assert_nothing_half_written(out: Path, recipe_text: str) -> None:
     """What a resume reads is whole: recipe.toml, baseline.json, and every checkpoint it would use."""
-    from ftkit.pipeline import _read_baselines
+    from ftkit.baselines import read_saved as _read_baselines
     from ftkit.training import COMPLETE_MARK, checkpoint_mark
 
     partial = out.with_name(out.name + ".partial")
@@ -118,7 +118,7 @@ def test_a_signal_before_training_leaves_no_partial_folder(tmp_path, point, sign
 
 
 def test_a_resume_reevaluates_a_damaged_baseline_file(tmp_path):
-    from ftkit.pipeline import _read_baselines
+    from ftkit.baselines import read_saved as _read_baselines
 
     path = tmp_path / "baseline.json"
     assert _read_baselines(path, 3) == (None, None)

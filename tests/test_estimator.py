@@ -120,11 +120,20 @@ def test_models_from_a_folder_and_the_hub_cache(tmp_path, monkeypatch):
     assert replace(resolve_shape(str(folder)), name=known.name) == known
     assert replace(resolve_shape(str(folder / "config.json")), name=known.name) == known
 
-    snapshot = tmp_path / "hub" / "models--someone--their-model" / "snapshots" / "0123abc"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    # The Hugging Face cache as huggingface_hub leaves it: refs/main names the snapshot's commit.
+    repo = tmp_path / "hub" / "models--someone--their-model"
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc", encoding="utf-8")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_shape("someone/their-model").hidden_size == 896
+    # And ModelScope's (modelscope 1.40: models/OWNER--NAME/snapshots/master).
+    snapshot = tmp_path / "ms" / "models" / "someone--other-model" / "snapshots" / "master"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({**config, "hidden_size": 1536}), encoding="utf-8")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    assert resolve_shape("someone/other-model").hidden_size == 1536
 
 
 @pytest.mark.parametrize(("args", "message"), [
