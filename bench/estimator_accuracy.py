@@ -55,7 +55,9 @@ def with_lora(model, settings: Settings):  # noqa: ANN001, ANN201
 def build(shape: ModelShape, layers: int, settings: Settings):  # noqa: ANN201
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ftkit.modeling import quantization_config
 
     config = Qwen2Config(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size, num_hidden_layers=layers,
@@ -67,8 +69,7 @@ def build(shape: ModelShape, layers: int, settings: Settings):  # noqa: ANN201
     if settings.method == "qlora":
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
+            quant = quantization_config(torch.bfloat16)
             model = Qwen2ForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
                                                      attn_implementation=settings.attn)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -141,7 +142,9 @@ def cuda_peak(shape: ModelShape, settings: Settings, steps: int = 3) -> int:
     """torch.cuda.max_memory_allocated over real training steps of the full-depth model (CUDA only)."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ftkit.modeling import quantization_config
 
     config = Qwen2Config(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
@@ -155,8 +158,7 @@ def cuda_peak(shape: ModelShape, settings: Settings, steps: int = 3) -> int:
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             del model
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
+            quant = quantization_config(torch.bfloat16)
             model = Qwen2ForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
                                                      attn_implementation=settings.attn, device_map={"": 0})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.activation_checkpointing)

@@ -155,6 +155,19 @@ class LoadedModel:
     notices: list[str]
 
 
+#: How QLoRA stores the base weights: bitsandbytes' NF4 with double quantization, as the QLoRA
+#: paper trains. ftkit.estimator.NF4_BYTES_PER_PARAM counts the bytes of exactly this.
+QUANT_TYPE, DOUBLE_QUANT = "nf4", True
+
+
+def quantization_config(dtype):  # noqa: ANN001, ANN201 - a torch.dtype -> a transformers.BitsAndBytesConfig
+    """The one 4-bit config ftkit builds: training, reloading a run, and the memory benches."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE,
+                              bnb_4bit_use_double_quant=DOUBLE_QUANT, bnb_4bit_compute_dtype=dtype)
+
+
 def compute_dtype(recipe: Recipe):  # noqa: ANN201 - a torch.dtype
     """float32 on CPU (no fast bf16 there); bf16 on CUDA where supported, else fp16."""
     import torch
@@ -206,12 +219,7 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
 
     model = None
     if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        quant = quantization_config(dtype)
         # The 4-bit weights are placed at load time and cannot be moved later: each rank's copy goes
         # to its own GPU (LOCAL_RANK, set by torchrun/accelerate), never all of them to GPU 0.
         from ftkit.distributed import local_rank
@@ -229,6 +237,10 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
                 notices.append("QLoRA on CPU: bitsandbytes 4-bit NF4 runs here, but slowly; "
                                "compute in float32 (no fast bf16 on this CPU)")
         except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many backend-specific ways
+            if cuda:  # another method would be another memory use than the one checked: say so, not fall back
+                raise ModelError(f"method.name = \"qlora\": 4-bit loading failed on CUDA ({type(error).__name__}: "
+                                 f"{error}); check that bitsandbytes matches this CUDA (`python -m bitsandbytes`), "
+                                 "or set method.name = \"lora\"") from error
             notices.append(f"QLoRA unavailable here ({type(error).__name__}: {error}); "
                            "falling back to LoRA on unquantized weights")
             method, model = "lora", None

@@ -268,10 +268,9 @@ def load_model(run: RunFolder, *, quantized: bool = True, dtype: str = "auto", d
 
 def _load_4bit(source: Path, kwargs: dict[str, Any], head: str, device: str, echo: Echo):  # noqa: ANN202
     """The base in 4-bit NF4 exactly as ``modeling.load_model`` trains QLoRA; None where bitsandbytes fails."""
-    from transformers import BitsAndBytesConfig
+    from ftkit.modeling import quantization_config
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=kwargs["dtype"])
+    quant = quantization_config(kwargs["dtype"])
     try:
         model = _model_class(head).from_pretrained(source, quantization_config=quant,
                                                    device_map={"": 0} if device == "cuda" else None, **kwargs)

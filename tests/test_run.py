@@ -209,6 +209,32 @@ def test_qlora_4bit_trains_on_cpu_with_a_generative_label(tmp_path):
     assert len(predictions) == 12 and {p["prediction"] for p in predictions} <= labels
 
 
+def test_qlora_that_cannot_load_on_cuda_is_an_error_not_a_silent_switch_to_lora(monkeypatch):
+    """On CUDA another method means another memory use than the one checked: a failed 4-bit load stops the run.
+
+    No GPU here: CUDA is reported present, and the real 4-bit load onto device 0 fails as it does
+    where bitsandbytes and CUDA do not match.
+    """
+    import torch
+
+    from ftkit.errors import ModelError
+    from ftkit.modeling import load_model, load_tokenizer, quantization_config
+    from ftkit.recipe import load_recipe
+    from ftkit.tiny import tiny_model_path
+
+    recipe = load_recipe(QUICKSTART, overrides=['method.name="qlora"', 'model.dtype="float32"'])
+    tokenizer = load_tokenizer(tiny_model_path(), recipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ModelError, match=r'method.name = "qlora": 4-bit loading failed on CUDA \(.+\); check that '
+                                         r'bitsandbytes matches this CUDA .+ or set method.name = "lora"'):
+        load_model(tiny_model_path(), recipe, "causal", None, tokenizer)
+    # The one 4-bit config (training, reloading a run, the benches): NF4 with double quantization,
+    # what the estimator's NF4_BYTES_PER_PARAM counts.
+    quant = quantization_config(torch.bfloat16)
+    assert (quant.load_in_4bit, quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     ("task", "data", "expected"),
     [
