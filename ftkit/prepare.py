@@ -66,8 +66,6 @@ def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
     validation set (``task.valid_file``, or ``train.valid_size`` carved by the same split from what
     the test split left) never shares a text with the test split or the training examples.
     """
-    import pyarrow.compute as pc
-
     from ftkit.sources import DataMapping, load_task_data, unseen_labels
     from ftkit.splitting import sample_indices, split_indices
 
@@ -93,13 +91,7 @@ def split_data(task: Task, recipe) -> SplitData:  # noqa: ANN001 - a Recipe
         notes.append(f"test split: {len(test)} examples ({section.test_size:.0%}, "
                      f"{'stratified, ' if classify else ''}grouped{grouped or ' by source record'}, seed {seed})")
     # Leakage: a test text seen in training inflates the fine-tuned score; drop it from train.
-    seen = pc.is_in(train.keys(), value_set=pc.unique(test.keys()))
-    leaked = int(pc.sum(seen).as_py() or 0)
-    if leaked:
-        train.table = train.table.filter(pc.invert(seen))
-        notes.append(f"removed {leaked} training examples whose text is also in the test split")
-        if not len(train):
-            raise DataError("every training example also appears in the test split; use different files")
+    leaked = _remove_shared_texts(train, test, "training", "test split", notes)
     train, valid = _validation_split(task, recipe, train, test, mapping, notes, dropped)
     labels = None
     if classify:
@@ -128,8 +120,6 @@ def _validation_split(task: Task, recipe, train, test, mapping, notes: list[str]
     Texts are never shared: a validation text also in the test split leaves the validation set (it
     would let the test data pick the best step), a training text also in validation leaves training.
     """
-    import pyarrow.compute as pc
-
     from ftkit.sources import load_task_data
     from ftkit.splitting import split_indices
 
@@ -138,14 +128,7 @@ def _validation_split(task: Task, recipe, train, test, mapping, notes: list[str]
         valid = load_task_data(task, section.valid_file, mapping, role="valid")
         for why, n in valid.dropped.items():
             dropped[f"valid: {why}"] = n
-        in_test = pc.is_in(valid.keys(), value_set=pc.unique(test.keys()))
-        overlap = int(pc.sum(in_test).as_py() or 0)
-        if overlap:
-            valid.table = valid.table.filter(pc.invert(in_test))
-            notes.append(f"removed {overlap} validation examples whose text is also in the test split")
-            if not len(valid):
-                raise DataError(f"{valid.source}: every validation example also appears in the test split; "
-                                "use different files")
+        _remove_shared_texts(valid, test, "validation", "test split", notes, source=valid.source)
         notes.append(f"validation set: {len(valid)} examples from {section.valid_file}")
     elif recipe.train.valid_size:
         classify = task.kind == "classification"
@@ -158,14 +141,27 @@ def _validation_split(task: Task, recipe, train, test, mapping, notes: list[str]
                      f"seed {seed})")
     else:
         return train, None
-    seen = pc.is_in(train.keys(), value_set=pc.unique(valid.keys()))
-    leaked = int(pc.sum(seen).as_py() or 0)
-    if leaked:
-        train.table = train.table.filter(pc.invert(seen))
-        notes.append(f"removed {leaked} training examples whose text is also in the validation set")
-        if not len(train):
-            raise DataError("every training example also appears in the validation set; use different files")
+    _remove_shared_texts(train, valid, "training", "validation set", notes)
     return train, valid
+
+
+def _remove_shared_texts(data, other, name: str, other_name: str, notes: list[str], source: str = "") -> int:  # noqa: ANN001
+    """Remove ``data``'s rows whose text is also in ``other`` (one split leaking into another); how many went.
+
+    ``name`` and ``other_name`` say which splits they are in the note, and in the error when
+    nothing is left (prefixed with ``source``, the file, where there is one).
+    """
+    import pyarrow.compute as pc
+
+    shared = pc.is_in(data.keys(), value_set=pc.unique(other.keys()))
+    count = int(pc.sum(shared).as_py() or 0)
+    if count:
+        data.table = data.table.filter(pc.invert(shared))
+        notes.append(f"removed {count} {name} examples whose text is also in the {other_name}")
+        if not len(data):
+            raise DataError(f"{source + ': ' if source else ''}every {name} example also appears in the "
+                            f"{other_name}; use different files")
+    return count
 
 
 def load_splits(task: Task, recipe) -> Splits:  # noqa: ANN001 - a Recipe
