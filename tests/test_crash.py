@@ -175,14 +175,20 @@ def step(callback, state, folder: Path, *, epoch_end: bool = False) -> list[int]
     return saved
 
 
-def test_checkpoints_every_save_minutes_and_at_each_epochs_end(tmp_path):
+def train_steps(folder: Path, steps: int, epoch_ends: tuple[int, ...]) -> tuple[list[int], list[str]]:
+    """``steps`` of a 100-step run at 1.5 minutes a step, saving every 10 minutes: (steps saved, lines said)."""
     callback, _, now, events = checkpoints_for(save_minutes=10)
     state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0)
     callback.on_train_begin(None, state, SimpleNamespace())
     saved = []
-    for _ in range(100):
-        now[0] += 90  # 1.5 minutes a step: a checkpoint every 7 steps
-        saved += step(callback, state, tmp_path, epoch_end=state.global_step + 1 in (49, 100))
+    for _ in range(steps):
+        now[0] += 90
+        saved += step(callback, state, folder, epoch_end=state.global_step + 1 in epoch_ends)
+    return saved, events
+
+
+def test_checkpoints_every_save_minutes_and_at_each_epochs_end(tmp_path):
+    saved, events = train_steps(tmp_path, 100, epoch_ends=(49, 100))  # a checkpoint every 7 steps by time
     assert saved == [7, 14, 21, 28, 35, 42, 49, 56, 63, 70, 77, 84, 91, 98, 100]  # 49: both, saved once
     assert events[6:8] == [f"Checkpoint at step 49 (every 10 min): {tmp_path}/checkpoint-49",
                            f"Checkpoint at step 56 (every 10 min): {tmp_path}/checkpoint-56"]
@@ -197,13 +203,7 @@ def test_checkpoints_every_save_minutes_and_at_each_epochs_end(tmp_path):
 
 
 def test_an_epochs_end_saves_and_restarts_the_clock(tmp_path):
-    callback, _, now, events = checkpoints_for(save_minutes=10)
-    state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0)
-    callback.on_train_begin(None, state, SimpleNamespace())
-    saved = []
-    for _ in range(12):
-        now[0] += 90
-        saved += step(callback, state, tmp_path, epoch_end=state.global_step + 1 == 5)
+    saved, events = train_steps(tmp_path, 12, epoch_ends=(5,))
     assert saved == [5, 12]
     assert events[0] == f"Checkpoint at step 5 (end of epoch 1): {tmp_path}/checkpoint-5"
 
