@@ -8,12 +8,12 @@ Pure Python (no torch): ``ftkit estimate`` answers in milliseconds. Two activati
 * ``ftkit`` (default): the tensors a Qwen2/Llama block really saves for backward as ftkit trains it
   (transformers 5.x, peft, bitsandbytes), counted tensor by tensor: RMSNorm's fp32 copy, GQA K/V,
   the SwiGLU width, SDPA (no s×s matrix) or eager attention (fp32 softmax), peft's fp32 copy of
-  each adapted module's input, LoRA dropout, QLoRA's fp32 residual stream (peft's
-  ``prepare_model_for_kbit_training`` upcasts norms and embeddings), activation checkpointing, and
-  the logits/loss term. ``bench/estimator_accuracy.py`` checks it against exact measurements.
+  each adapted module's input, LoRA dropout, activation checkpointing, and the logits/loss term. ``bench/estimator_accuracy.py`` checks it against exact measurements.
 
-ftkit trains bf16/fp16 models in their own dtype without autocast (adapters fp32, as peft keeps
-them), so what is saved does not depend on autocast's op lists. Every term is a :class:`Term` with its
+The estimate follows how ftkit trains (``ftkit.modeling``): LoRA and QLoRA run the 16-bit base in its
+own dtype without autocast (adapters fp32, as peft keeps them; QLoRA's embeddings and norms stay
+16-bit, so its activations are LoRA's and it saves the weight bytes); full fine-tuning keeps fp32
+master weights, gradients and AdamW states and computes in 16 bit under autocast. Every term is a :class:`Term` with its
 formula, so ``--explain`` can show the arithmetic.
 
 Everything is per device. Data parallelism (``gpus`` > 1, DDP as torchrun/accelerate run it) keeps a
@@ -30,7 +30,7 @@ from ftkit.model_configs import ModelShape
 
 METHODS = ("full", "lora", "qlora")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 ATTENTION = ("sdpa", "eager")
 HEADS = ("causal", "classifier")
 FORMULAS = ("ftkit", "megatron")
@@ -184,6 +184,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     w = DTYPE_BYTES[s.dtype]
     quantized = s.method == "qlora"
     lora = s.method in ("lora", "qlora")
+    master = s.method == "full" and s.dtype != "fp32"  # mixed precision: fp32 master weights
     notes: list[str] = []
 
     # --- Parameters -------------------------------------------------------------------------
@@ -207,22 +208,30 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         weights.append(Term("weights (NF4, double quant)", round(q_params * NF4_BYTES_PER_PARAM),
                             f"{q_params:,} linear weights × {NF4_BYTES_PER_PARAM:.4f} B"))
         rest = total_params - q_params
-        # prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms,
-        # biases, the head) to fp32.
-        weights.append(Term("weights (embeddings, norms, biases: fp32)", rest * 4, f"{rest:,} params × 4 B"))
+        # Embeddings, norms, biases and the head stay in the compute dtype (modeling.prepare_4bit_for_training).
+        weights.append(Term(f"weights (embeddings, norms, biases: {s.dtype})", rest * w, f"{rest:,} params × {w} B"))
+    elif master:
+        weights.append(Term("weights (fp32 master)", total_params * 4, f"{total_params:,} params × 4 B"))
+        # autocast keeps its 16-bit copy of each weight it casts (every linear layer's, the head's)
+        # until the step's forward and backward are done.
+        cast = shape.layer_linear_params * layers + (0 if s.head == "classifier" else shape.vocab_size * shape.hidden_size)
+        weights.append(Term(f"autocast {s.dtype} weight copies", cast * w, f"{cast:,} linear weights × {w} B"))
     else:
         weights.append(Term(f"weights ({s.dtype})", total_params * w, f"{total_params:,} params × {w} B"))
     if lora:
         weights.append(Term("LoRA adapters (fp32)", trainable * 4, f"{trainable:,} params × 4 B"))
 
     # --- Gradients and optimizer ------------------------------------------------------------
-    grad_bytes = 4 if lora else w
+    grad_bytes = 4 if lora or master else w
     gradients = Term("gradients", trainable * grad_bytes, f"{trainable:,} trainable × {grad_bytes} B")
-    state_bytes = {"adamw": 2 * grad_bytes, "adamw_8bit": 2, "sgd": 0}[s.optim]
+    state_bytes = {"adamw": 2 * grad_bytes, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}[s.optim]
     optimizer = Term(f"optimizer states ({s.optim})", trainable * state_bytes,
                      f"{trainable:,} trainable × {state_bytes} B" + (" (2 states)" if s.optim != "sgd" else ""))
-    if s.method == "full" and s.dtype != "fp32" and s.optim == "adamw":
-        notes.append("full fine-tuning in 16-bit keeps AdamW states in 16-bit (no fp32 master weights)")
+    if master:
+        notes.append(f"full fine-tuning: fp32 master weights, gradients and optimizer states; {s.dtype} compute "
+                     "under autocast (mixed precision)")
+    if s.optim == "paged_adamw_8bit":
+        notes.append("paged_adamw_8bit: counted as resident; under pressure its pages move to CPU memory")
 
     # --- Activations ------------------------------------------------------------------------
     t = s.seq * s.batch
@@ -240,7 +249,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         layer_terms = _layer_terms(shape, s, t, tokens)
         per = sum(term.bytes for term in layer_terms)
         other = _outside_terms(shape, s, t, tokens)
-        stream = 4 if quantized else w
+        stream = w
         if s.activation_checkpointing:
             kept = t * shape.hidden_size * stream
             all_layers = Term("activations, all layers (checkpointed)", layers * kept + per,
@@ -288,11 +297,9 @@ def _layer_terms(shape: ModelShape, s: Settings, t: int, tokens: str) -> list[Te
     """What one decoder layer saves for backward (a layer whose input needs a gradient)."""
     h, i, r = shape.hidden_size, shape.intermediate_size, s.lora_r
     w = DTYPE_BYTES[s.dtype]
-    quantized = s.method == "qlora"
     full = s.method == "full"
-    # QLoRA as peft prepares it: fp32 norms make the norm outputs fp32, and bitsandbytes returns
-    # each 4-bit matmul in its input's dtype, so the whole stream is fp32.
-    act = 4 if quantized else w
+    # bitsandbytes returns each 4-bit matmul in its input's dtype: QLoRA's stream is the compute dtype.
+    act = w
     targets = set(s.target_modules) if not full else set()
     mask = 1 if s.device == "cuda" else 4  # dropout mask: bool on CUDA, float on CPU
     terms: list[Term] = []
@@ -373,15 +380,14 @@ def _first_layer_saving(shape: ModelShape, s: Settings, t: int) -> int:
         qkv_targets = sum(m in s.target_modules for m in ("q_proj", "k_proj", "v_proj"))
         saving += qkv_targets * t * shape.hidden_size * (1 if s.device == "cuda" else 4)
     if s.attn == "eager" and "k_proj" not in s.target_modules:
-        saving += t * shape.q_width * (4 if s.method == "qlora" else DTYPE_BYTES[s.dtype])
+        saving += t * shape.q_width * DTYPE_BYTES[s.dtype]
     return saving
 
 
 def _outside_terms(shape: ModelShape, s: Settings, t: int, tokens: str) -> list[Term]:
     h = shape.hidden_size
     w = DTYPE_BYTES[s.dtype]
-    quantized = s.method == "qlora"
-    act = 4 if quantized else w
+    act = w
     terms = [
         Term("rotary cos/sin", 2 * s.seq * shape.head_dim * act, f"2·{s.seq}·{shape.head_dim} × {act} B"),
         Term("final norm: fp32 input + rsqrt", t * h * 4 + t * 4, f"{tokens}·({h}·4 + 4) B"),
@@ -402,7 +408,7 @@ def _logits_terms(shape: ModelShape, s: Settings, t: int, tokens: str) -> list[T
         return [Term("classifier logits + loss", s.batch * n * 4 + 2 * s.batch * 8 + 4,
                      f"{s.batch}·{n} × 4 B + indices")]
     v = shape.vocab_size
-    logit_dtype = 4 if s.method == "qlora" else DTYPE_BYTES[s.dtype]
+    logit_dtype = DTYPE_BYTES[s.dtype]
     terms = [
         Term("log-softmax (fp32, saved)", t * v * 4, f"{tokens}·{v} × 4 B"),
         Term("labels (int64, saved)", t * 8 + 4, f"{tokens} × 8 B"),

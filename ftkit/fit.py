@@ -47,7 +47,8 @@ def recipe_settings(recipe: Recipe, head: str, num_labels: int, gpus: int = 1) -
         seq=recipe.train.max_seq_len, batch=recipe.train.batch_size, method=method.name, lora_r=method.r,
         lora_dropout=method.dropout,
         target_modules=tuple(method.target_modules) or DEFAULT_TARGETS,
-        dtype=RECIPE_DTYPES[recipe.model.dtype], activation_checkpointing=recipe.train.activation_checkpointing,
+        dtype=RECIPE_DTYPES[recipe.model.dtype], optim=recipe.train.optim,
+        activation_checkpointing=recipe.train.activation_checkpointing,
         head=head, num_labels=max(num_labels, 1), grad_accum=recipe.train.grad_accum, gpus=gpus,
     )
 

@@ -150,9 +150,12 @@ class LoadedModel:
 
     model: Any
     method: str  # what actually runs: qlora, lora or full
-    dtype: str
+    dtype: str  # the compute dtype
     device: str
     notices: list[str]
+    #: The Trainer's mixed precision ("bf16", "fp16") or None: full fine-tuning keeps fp32 master
+    #: weights and computes in 16 bit under autocast; fp16 LoRA needs AMP's loss scaling.
+    amp: str | None = None
 
 
 #: How QLoRA stores the base weights: bitsandbytes' NF4 with double quantization, as the QLoRA
@@ -177,6 +180,46 @@ def compute_dtype(recipe: Recipe):  # noqa: ANN201 - a torch.dtype
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def weights_dtype(method: str, compute):  # noqa: ANN001, ANN201 - a torch.dtype -> a torch.dtype
+    """The dtype the weights are loaded in for ``method`` with compute dtype ``compute``.
+
+    Full fine-tuning keeps fp32 master weights: an AdamW update of a bf16 weight smaller than half
+    its spacing (2^-8 relative) rounds away, so small learning rates would lose most updates. The
+    16-bit compute comes from autocast (the Trainer's ``bf16``/``fp16``), as mixed precision does.
+    LoRA and QLoRA keep the frozen base in the compute dtype; their adapters are fp32 (peft).
+    """
+    import torch
+
+    return torch.float32 if method == "full" else compute
+
+
+def mixed_precision(method: str, compute, cuda: bool) -> str | None:  # noqa: ANN001
+    """The Trainer's mixed-precision flag for ``method`` at compute dtype ``compute`` (see LoadedModel.amp)."""
+    import torch
+
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute)
+    if method == "full":
+        return half
+    return "fp16" if half == "fp16" and cuda else None
+
+
+def prepare_4bit_for_training(model, checkpointing: bool):  # noqa: ANN001, ANN201
+    """A 4-bit model ready for LoRA training: frozen, computing in its 16-bit dtype.
+
+    What peft's ``prepare_model_for_kbit_training`` does, except its cast of every non-4-bit
+    parameter (embeddings, norms, the LM head) to fp32: with fp32 norms and embeddings the residual
+    stream and every activation saved for backward became fp32, so QLoRA needed more memory than
+    LoRA at the same settings. QLoRA as its paper trains it computes in bf16 with 4-bit weights and
+    fp32 adapters; RMSNorm still computes its statistics in fp32 inside the layer (Qwen2, Llama).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        model.enable_input_require_grads()  # the frozen embedding's output must carry a gradient
+        model.activation_checkpointing_enable()
+    return model
 
 
 def keep_4bit_weights_trainable_on_cpu(model) -> None:  # noqa: ANN001
@@ -208,7 +251,7 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
     dtype = compute_dtype(recipe)
     method = recipe.method.name
     cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(method, dtype), "trust_remote_code": recipe.model.trust_remote_code}
     if head == "classifier":
         from transformers import AutoModelForSequenceClassification as auto_class
 
@@ -227,15 +270,12 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
         try:
             model = auto_class.from_pretrained(path, quantization_config=quant,
                                                device_map={"": local_rank()} if cuda else None, **kwargs)
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=recipe.train.activation_checkpointing
-            )
+            model = prepare_4bit_for_training(model, recipe.train.activation_checkpointing)
             if not cuda:
                 keep_4bit_weights_trainable_on_cpu(model)
-                notices.append("QLoRA on CPU: bitsandbytes 4-bit NF4 runs here, but slowly; "
-                               "compute in float32 (no fast bf16 on this CPU)")
+                notices.append("QLoRA on CPU: bitsandbytes 4-bit NF4 runs here, but slowly; compute in "
+                               f"{str(dtype).removeprefix('torch.')}"
+                               + (" (no fast bf16 on this CPU)" if dtype == torch.float32 else ""))
         except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many backend-specific ways
             if cuda:  # another method would be another memory use than the one checked: say so, not fall back
                 raise ModelError(f"method.name = \"qlora\": 4-bit loading failed on CUDA ({type(error).__name__}: "
@@ -259,8 +299,12 @@ def load_model(path: Path, recipe: Recipe, head: str, labels: list[str] | None, 
         model.config.pad_token_id = tokenizer.pad_token_id
     if method in ("lora", "qlora"):
         model = _add_lora(model, recipe, head)
+    amp = mixed_precision(method, dtype, cuda)
+    if method == "full" and amp:
+        notices.append(f"full fine-tuning: fp32 master weights, {str(dtype).removeprefix('torch.')} compute "
+                       "(mixed precision)")
     return LoadedModel(model=model, method=method, dtype=str(dtype).removeprefix("torch."),
-                       device="cuda" if cuda else "cpu", notices=notices)
+                       device="cuda" if cuda else "cpu", notices=notices, amp=amp)
 
 
 def _add_lora(model, recipe: Recipe, head: str):  # noqa: ANN001, ANN202

@@ -85,6 +85,10 @@ class TrainSection:
     scheduler: str = _f("cosine", "learning-rate schedule",
                         choices=("linear", "cosine", "constant", "constant_with_warmup"))
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
+    optim: str = _f("adamw", "optimizer: adamw (two fp32 states per trainable parameter), adamw_8bit (bitsandbytes' "
+                    "8-bit states: 2 bytes instead of 8), paged_adamw_8bit (8-bit, paged out to CPU memory under "
+                    "pressure on CUDA); `ftkit estimate --optim` counts each",
+                    choices=("adamw", "adamw_8bit", "paged_adamw_8bit"))
     max_seq_len: int = _f(256, "truncate examples to this many tokens", low=8)
     activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory (~20% slower)")
     seed: int = _f(42, "seed for sampling, splitting, initialization and data order", low=0)

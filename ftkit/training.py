@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from ftkit.pipeline import FineTuneRun
 
 
+#: ``train.optim`` -> the Trainer's optimizer name. The 8-bit ones are bitsandbytes' (block-wise
+#: quantized states: 2 bytes per parameter instead of AdamW's 8); paged pages its states out to CPU
+#: memory under pressure (on CUDA; bitsandbytes runs it unpaged on the CPU).
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
 #: Written into a checkpoint folder once every rank has written its files: the folder is complete.
 COMPLETE_MARK = "ftkit-complete.json"
 
@@ -247,7 +252,6 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
     train = run.recipe.train
     cuda = torch.cuda.is_available()
     several = distributed.world_size() > 1
-    half = run.loaded.dtype in ("bfloat16", "float16") and cuda
     args = TrainingArguments(
         output_dir=str(run.work / "checkpoints"),
         num_train_epochs=train.epochs,
@@ -268,11 +272,12 @@ def build_trainer(run: FineTuneRun):  # noqa: ANN201 - a transformers.Trainer
         save_total_limit=2,  # the newest two; checkpoint_callback adds epoch ends, save_minutes, stops
         seed=train.seed,
         data_seed=train.seed,
-        # A bf16 model trains in bf16 as loaded, without autocast (peft keeps adapters in fp32 and
-        # casts their inputs): what is kept for backward is then what `ftkit estimate` counts,
-        # not whatever autocast's per-op lists decide. fp16 keeps AMP for its loss scaling.
-        bf16=False,
-        fp16=half and run.loaded.dtype == "float16",
+        # LoRA and QLoRA train the 16-bit base as loaded, without autocast (peft keeps adapters in
+        # fp32 and casts their inputs); fp16 keeps AMP for its loss scaling. Full fine-tuning
+        # keeps fp32 master weights and computes in 16 bit under autocast (modeling.mixed_precision).
+        bf16=run.loaded.amp == "bf16",
+        fp16=run.loaded.amp == "fp16",
+        optim=OPTIMIZERS[train.optim],
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
         report_to="none",  # TensorBoard is added below with the folder we choose

@@ -32,7 +32,7 @@ def test_megatron_formula_as_published():
 def test_breakdown_lists_every_component():
     done = run_ftkit("estimate", "--model", "1.5B", "--seq", "256", "--batch", "4", "--gpu-mem", "24GB")
     assert done.returncode == 0, done.stderr
-    for row in ("weights (NF4, double quant)", "weights (embeddings, norms, biases: fp32)", "LoRA adapters (fp32)",
+    for row in ("weights (NF4, double quant)", "weights (embeddings, norms, biases: bf16)", "LoRA adapters (fp32)",
                 "gradients", "optimizer states (adamw)", "activations per layer", "activations, 28 layers",
                 "logits / loss", "framework overhead", "total (peak at"):
         assert row in done.stdout, row
@@ -216,7 +216,7 @@ def test_dry_run_prints_the_memory_estimate():
     assert done.returncode == 0, done.stderr
     assert "batch_size = 8" in done.stdout
     line = next(x for x in done.stdout.splitlines() if x.startswith("# memory estimate"))
-    expected = estimate(resolve_shape("Qwen/Qwen2.5-1.5B-Instruct"), Settings(seq=256, batch=8, method="qlora")).total
+    expected = estimate(resolve_shape("Qwen/Qwen2.5-1.5B-Instruct"), Settings(seq=256, batch=8, method="qlora", grad_accum=4)).total
     assert line.startswith(f"# memory estimate (Qwen/Qwen2.5-1.5B-Instruct, for a CUDA GPU): {expected / 1e9:.2f} GB peak")
 
 

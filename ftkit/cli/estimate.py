@@ -74,7 +74,9 @@ def format_bytes(n: float) -> str:
 @click.option("--target-modules", default="q_proj,v_proj", show_default=True,
               help="Comma-separated modules LoRA adapts, or all-linear.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option("--optim", type=click.Choice(["adamw", "adamw_8bit", "sgd"]), default="adamw", show_default=True)
+@click.option("--optim", type=click.Choice(["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]), default="adamw",
+              show_default=True, help="Optimizer (train.optim): AdamW keeps 8 bytes of state per trainable "
+              "parameter, the 8-bit ones 2.")
 @click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention kernel: sdpa keeps no seq x seq matrix; eager does.")
 @click.option("--activation-checkpointing", is_flag=True, help="Keep only layer inputs; recompute in backward.")
