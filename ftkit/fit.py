@@ -40,9 +40,15 @@ def recipe_shape(recipe: Recipe, model_path: Path | None = None) -> ModelShape |
         return None
 
 
-def recipe_settings(recipe: Recipe, head: str, num_labels: int, gpus: int = 1) -> Settings:
-    """The estimator's settings for a recipe; ``gpus``: the data-parallel processes (per-device estimate)."""
+def recipe_settings(recipe: Recipe, head: str, num_labels: int, gpus: int = 1, *, task_kind: str = "classification",
+                    cuda_context: bool = True) -> Settings:
+    """The estimator's settings for a recipe; ``gpus``: the data-parallel processes (per-device estimate).
+
+    :param task_kind: the task's kind; with the head it decides what the evaluation runs.
+    :param cuda_context: False when the budget is free memory read after CUDA started (it excludes the context).
+    """
     method = recipe.method
+    evaluation = "classifier" if head == "classifier" else "labels" if task_kind == "classification" else "generation"
     return Settings(
         seq=recipe.train.max_seq_len, batch=recipe.train.batch_size, method=method.name, lora_r=method.r,
         lora_dropout=method.dropout,
@@ -50,6 +56,8 @@ def recipe_settings(recipe: Recipe, head: str, num_labels: int, gpus: int = 1) -
         dtype=RECIPE_DTYPES[recipe.model.dtype], optim=recipe.train.optim,
         activation_checkpointing=recipe.train.activation_checkpointing,
         head=head, num_labels=max(num_labels, 1), grad_accum=recipe.train.grad_accum, gpus=gpus,
+        eval_kind=evaluation, eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+        cuda_context=cuda_context,
     )
 
 
@@ -93,7 +101,13 @@ def check_fit(shape: ModelShape, settings: Settings, free: int, where: str, *, a
     --auto-fit would make.
     """
     plan = auto_fit(shape, settings, free)
-    total = estimate(shape, settings).total / 1e9
+    first = estimate(shape, settings)
+    total = first.total / 1e9
+    smallest = estimate(shape, replace(settings, batch=1, activation_checkpointing=True))
+    if plan is None and smallest.phases["train"] <= free:  # training could fit: the evaluation does not
+        raise ConfigError(recipe_path, [
+            f"eval.batch_size: the evaluation's estimate ({first.phases['eval'] / 1e9:.2f} GB) exceeds {where}; "
+            f"lower eval.batch_size (now {settings.eval_batch}) or train.max_seq_len"])
     if plan is None:
         raise ConfigError(recipe_path, [
             f"train.batch_size: the estimate ({total:.2f} GB) exceeds {where}, even at batch 1 with activation "
@@ -114,6 +128,12 @@ def describe(result: Estimate) -> str:
     named, not hidden.
     """
     c = result.components
+    if result.peak_phase.startswith("evaluation"):
+        weights = c["total"] - c["overhead"] - c["evaluation"]  # autocast's copies are gone by then
+        shown = " + ".join(f"{name} {value / 1e9:.2f}" for name, value in (
+            ("weights", weights), ("evaluation", c["evaluation"]), ("overhead", c["overhead"])))
+        train = f"; training {result.phases['train'] / 1e9:.2f}"
+        return f"{c['total'] / 1e9:.2f} GB peak ({result.peak_phase}) = {shown} GB{train}"
     parts = [("weights", c["weights"]), ("optimizer states", c["optimizer_states"])]
     if result.peak_phase.startswith("backward"):
         parts += [("activations", c["activations_layers"] + c["activations_other"]), ("logits/loss", c["logits_loss"])]
@@ -123,4 +143,5 @@ def describe(result: Estimate) -> str:
     parts.append((rest, c["total"] - c["overhead"] - sum(value for _, value in parts)))
     parts.append(("overhead", c["overhead"]))
     shown = " + ".join(f"{name} {value / 1e9:.2f}" for name, value in parts)
-    return f"{c['total'] / 1e9:.2f} GB peak ({result.peak_phase.split(' (')[0]}) = {shown} GB"
+    evaluation = f"; evaluation {result.phases['eval'] / 1e9:.2f}" if result.phases.get("eval") else ""
+    return f"{c['total'] / 1e9:.2f} GB peak ({result.peak_phase.split(' (')[0]}) = {shown} GB{evaluation}"

@@ -206,7 +206,8 @@ class FineTuneRun:
             self.echo("Memory: no estimate for this architecture (the estimator models Llama-style decoders)")
             return
         settings = fit.recipe_settings(self.recipe, self.head, len(self.task.labels or ()) or 2,
-                                       gpus=self.world_size)
+                                       gpus=self.world_size, task_kind=self.task.kind,
+                                       cuda_context=self.gpu_free is None)  # mem_get_info's free excludes it
         result = fit.estimate(shape, settings)
         per = " per device" if self.world_size > 1 else ""
         if self.gpu_free is None:
@@ -276,7 +277,9 @@ class FineTuneRun:
         self.notes += self.loaded.notices
         self.model = self.loaded.model
         self.trainable, self.total = count_parameters(self.model)
-        self.echo.event("model", f"Model: {self.model_path} on {self.loaded.device} ({self.loaded.dtype}), "
+        numerics = f"fp32 weights, {self.loaded.dtype} compute" if self.loaded.method == "full" and self.loaded.amp \
+            else self.loaded.dtype
+        self.echo.event("model", f"Model: {self.model_path} on {self.loaded.device} ({numerics}), "
                                  f"{self.trainable:,} trainable of {self.total:,} parameters; loaded in {seconds:.1f} s",
                         model=str(self.model_path), device=self.loaded.device, dtype=self.loaded.dtype,
                         method=self.loaded.method, trainable_params=self.trainable, total_params=self.total,
@@ -369,6 +372,7 @@ class FineTuneRun:
         self.train_seconds = time.perf_counter() - start
         self.steps = result.global_step
         self.log_history = trainer.state.log_history
+        _release_training_state(trainer, self.model)
         resumed_at = int(checkpoint.name.rpartition("-")[2]) if checkpoint else 0
         self.say_trained(result.training_loss if self.steps > resumed_at else None, resumed=checkpoint is not None)
         if self.validation is not None:
@@ -459,6 +463,29 @@ def _with_fitted_settings(recipe: Recipe, saved_text: str) -> Recipe:
     kinds = {"batch_size": int, "grad_accum": int, "activation_checkpointing": bool}
     fitted = {key: saved[key] for key in FITTED_KEYS if type(saved.get(key)) is kinds[key]}
     return replace(recipe, train=replace(recipe.train, **fitted))
+
+
+def _release_training_state(trainer, model) -> None:  # noqa: ANN001
+    """Free what only training needs before the evaluation: optimizer states, gradients, and the
+    autocast wrapper accelerate leaves on ``model.forward`` after mixed-precision training.
+
+    The estimator's evaluation phase counts the weights and the evaluation's own tensors only;
+    left alone, a full fine-tuning run's fp32 AdamW states (8 bytes per parameter) would stay
+    allocated through the evaluation. Without the wrapper, the final evaluation runs the fp32
+    master weights as the baseline evaluation and ``ftkit eval`` do.
+    """
+    import gc
+
+    import torch
+    from accelerate.utils import extract_model_from_parallel
+
+    model.zero_grad(set_to_none=True)
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)  # restores the forward in place
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _silent(_: str) -> None:

@@ -231,11 +231,12 @@ def load_model(run: RunFolder, *, quantized: bool = True, dtype: str = "auto", d
     started = time.perf_counter()
     import torch
 
-    from ftkit.modeling import compute_dtype, load_tokenizer
+    from ftkit.modeling import compute_dtype, load_tokenizer, weights_dtype
 
     _quiet_libraries()
     tokenizer = load_tokenizer(run.weights, run.recipe)
-    torch_dtype = compute_dtype(run.recipe) if dtype == "auto" else getattr(torch, dtype)
+    # As the run evaluated it: a full fine-tuning run's fp32 master weights stay fp32.
+    torch_dtype = weights_dtype(run.method, compute_dtype(run.recipe)) if dtype == "auto" else getattr(torch, dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     what = f"{run.recipe.model.id} with the run's adapter" if run.is_adapter else f"the fine-tuned model {run.weights}"
     echo(f"Loading {what}{' in 4-bit' if run.method == 'qlora' and quantized else ''} on {device} ...")

@@ -243,13 +243,15 @@ def test_auto_fit_changes_are_written_to_recipe_toml_and_a_resume_keeps_them(tmp
     from ftkit.recipe import load_recipe
     from ftkit.tiny import tiny_model_path
 
-    overrides = (f"output.dir={json.dumps(str(tmp_path / 'run'))}", "train.max_seq_len=256")
+    overrides = (f"output.dir={json.dumps(str(tmp_path / 'run'))}", "train.max_seq_len=256",
+                 "eval.batch_size=4")  # the training phase is the peak
     recipe = load_recipe(TINY, overrides)
     first = FineTuneRun(recipe, auto_fit=True, echo=lambda line: None)
     first.setup()
     first.model_path = tiny_model_path()
     shape = fit.recipe_shape(recipe, first.model_path)
-    settings = fit.recipe_settings(recipe, first.head, 6)
+    # What the run checks against free memory read after CUDA started: without the CUDA context.
+    settings = fit.recipe_settings(recipe, first.head, 6, cuda_context=False)
     first.gpu_free = fit.estimate(shape, replace(settings, batch=8, grad_accum=2)).total  # batch 16 does not fit
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     first.check_memory()

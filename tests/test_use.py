@@ -308,9 +308,11 @@ def test_qlora_run_predicts_in_4bit_and_merges_dequantized(qlora_run, tmp_path):
 
 
 def test_a_full_fine_tuning_run_predicts_and_has_nothing_to_merge(runs_dir, tmp_path):
+    # Mixed precision as on a GPU: fp32 master weights trained under bf16 autocast, evaluated as they are.
     run = train(runs_dir / "full", QUICKSTART, *QUICK, "--set", 'method.name="full"', "--set", "train.max_steps=2",
-                "--set", "eval.max_examples=16")
+                "--set", "eval.max_examples=16", "--set", 'model.dtype="bfloat16"')
     assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
+    assert json.loads((run / "model" / "config.json").read_text(encoding="utf-8"))["dtype"] == "float32"
     out = tmp_path / "p.jsonl"
     assert ftkit("predict", run, run / "data" / "test.jsonl", "-o", out).exit_code == 0
     evaluated = ftkit("eval", run, "--json")

@@ -38,8 +38,10 @@ x gradient bytes); the effective batch is batch x grad-accum x N.
 \b
 --json keys (stable): model, settings, params {total, trainable},
 components {weights, gradients, optimizer_states, activations_per_layer,
-activations_layers, activations_other, logits_loss, overhead, total} (bytes),
-detail (every term with its formula), peak_phase, per_device (true),
+activations_layers, activations_other, logits_loss, evaluation, overhead,
+total} (bytes), phases {train, eval} (each phase's peak, overhead included;
+total is the larger), detail (every term with its formula), peak_phase
+(the step phase of training, or "evaluation (KIND)"), per_device (true),
 effective_batch, notes, gpu {bytes, source, fits, largest_batch} (gpu is
 null without a GPU or --gpu-mem).
 """
@@ -83,6 +85,12 @@ def format_bytes(n: float) -> str:
 @click.option("--head", type=click.Choice(["causal", "classifier"]), default="causal", show_default=True)
 @click.option("--num-labels", default="2", show_default=True, help="Classes, with --head classifier.")
 @click.option("--grad-accum", default="1", show_default=True, help="Gradient accumulation steps.")
+@click.option("--eval", "eval_kind", type=click.Choice(["auto", "classifier", "labels", "generation", "perplexity",
+                                                       "none"]), default="auto", show_default=True,
+              help="What the evaluation runs: classifier logits, label scoring, generation (then perplexity), "
+              "perplexity; auto: classifier for --head classifier, else generation.")
+@click.option("--eval-batch", default="16", show_default=True, help="Evaluation batch size (eval.batch_size).")
+@click.option("--max-new-tokens", default="64", show_default=True, help="Generation: longest reply (KV cache).")
 @click.option("--gpus", default="1", show_default=True,
               help="Data-parallel GPUs (DDP): adds its gradient buckets per device; effective batch x N.")
 @click.option("--gpu-mem", metavar="SIZE", help="GPU memory to fit into, e.g. 24GB (default: the probed GPU's).")
@@ -93,13 +101,14 @@ def format_bytes(n: float) -> str:
 @click.option("--list-models", is_flag=True, help="List the built-in model shapes and exit.")
 def estimate(model_spec: str | None, seq: str, batch: str, method: str, lora_r: str, lora_dropout: float,
              target_modules: str, dtype: str, optim: str, attn: str, activation_checkpointing: bool, head: str,
-             num_labels: str, grad_accum: str, gpus: str, gpu_mem: str | None, formula: str, explain: bool,
-             as_json: bool, list_models: bool) -> None:
+             num_labels: str, grad_accum: str, eval_kind: str, eval_batch: str, max_new_tokens: str, gpus: str,
+             gpu_mem: str | None, formula: str, explain: bool, as_json: bool, list_models: bool) -> None:
     """Estimate the GPU memory a fine-tuning run needs per device, part by part, and whether it fits.
 
     Weights (quantized or not), trainable parameters, gradients, optimizer states, activations per
-    layer and in total, logits/loss, framework overhead, and the peak; then whether it fits the GPU
-    and the largest batch that does. Pure arithmetic: answers instantly, imports no torch.
+    layer and in total, logits/loss, framework overhead; the evaluation's own peak (KV cache,
+    logits); and the run's peak, the larger of training and evaluation. Then whether it fits the
+    GPU and the largest batch that does. Pure arithmetic: answers instantly, imports no torch.
     """
     from ftkit.estimator import ALL_LINEAR, Settings, largest_batch
     from ftkit.estimator import estimate as run_estimate
@@ -119,7 +128,9 @@ def estimate(model_spec: str | None, seq: str, batch: str, method: str, lora_r: 
         lora_r=_positive_int("--lora-r", lora_r), lora_dropout=lora_dropout, target_modules=targets, dtype=dtype,
         optim=optim, attn=attn, activation_checkpointing=activation_checkpointing, head=head,
         num_labels=_positive_int("--num-labels", num_labels), grad_accum=_positive_int("--grad-accum", grad_accum),
-        formula=formula, gpus=_positive_int("--gpus", gpus),
+        formula=formula, gpus=_positive_int("--gpus", gpus), eval_kind=eval_kind,
+        eval_batch=_positive_int("--eval-batch", eval_batch),
+        max_new_tokens=_positive_int("--max-new-tokens", max_new_tokens),
     )
     shape = resolve_shape(model_spec)
     result = run_estimate(shape, settings)
@@ -169,7 +180,12 @@ def _print_estimate(result, fit: dict | None, explain: bool) -> None:  # noqa: A
     if other:
         rows.append(("activations outside the layers", format_bytes(other)))
     rows.append(("logits / loss", format_bytes(result.logits_bytes)))
-    rows.append(("framework overhead", format_bytes(sum(t.bytes for t in result.overhead))))
+    rows.append(("training, overhead included", format_bytes(result.phases["train"])))
+    if result.evaluation:
+        rows.append((f"evaluation working memory ({s.evaluation}, batch {s.eval_batch})",
+                     format_bytes(result.evaluation_bytes)))
+        rows.append(("evaluation, weights and overhead included", format_bytes(result.phases["eval"])))
+    rows.append(("framework overhead (at the peak)", format_bytes(sum(t.bytes for t in result.overhead))))
     rows.append((f"total (peak at {result.peak_phase})", format_bytes(result.total)))
     print_table(("COMPONENT", "MEMORY PER DEVICE"), rows)
     if explain:
@@ -178,14 +194,18 @@ def _print_estimate(result, fit: dict | None, explain: bool) -> None:  # noqa: A
         groups = [("weights", result.weights), ("gradients", [result.gradients]),
                   ("optimizer", [result.optimizer]), ("one layer's saved activations", result.activation_layer),
                   ("all layers", [result.activation_layers]), ("outside the layers", result.activation_other),
-                  ("logits / loss", result.logits), ("overhead", result.overhead)]
+                  ("logits / loss", result.logits), ("evaluation (its widest moment)", result.evaluation),
+                  ("overhead at the peak", result.overhead)]
         for title, terms in groups:
             if terms:
                 click.echo(f"  {title}:")
                 for term in terms:
                     click.echo(f"    {term.name}: {term.formula} = {format_bytes(term.bytes)}")
-        click.echo("  peak = the larger of (weights + optimizer + activations + logits [+ gradients kept]) and "
+        click.echo("  training = the larger of (weights + optimizer + activations + logits [+ gradients kept]) and "
                    "(weights + optimizer + gradients + optimizer temporaries), plus overhead")
+        click.echo("  evaluation = weights (without autocast copies) + evaluation working memory, plus overhead; "
+                   "the optimizer states and gradients are freed before it")
+        click.echo("  peak = the larger of training and evaluation")
     for note in result.notes:
         click.echo(f"Note: {note}")
     click.echo()
@@ -198,6 +218,9 @@ def _print_estimate(result, fit: dict | None, explain: bool) -> None:  # noqa: A
     elif fit["largest_batch"]:
         click.secho(f"Does not fit in {where}; the largest batch that fits: {fit['largest_batch']} "
                     f"(raise --grad-accum to keep the effective batch).", fg="red")
+    elif result.phases.get("eval", 0) > fit["bytes"]:
+        click.secho(f"Does not fit in {where}: the evaluation alone needs {format_bytes(result.phases['eval'])}; "
+                    f"lower --eval-batch (eval.batch_size) or --seq.", fg="red")
     else:
         click.secho(f"Does not fit in {where}, not even at batch 1; try --activation-checkpointing, "
                     f"--method qlora, a shorter --seq or a smaller model.", fg="red")

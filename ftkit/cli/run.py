@@ -148,7 +148,7 @@ def _estimate(recipe, task, num_labels: int, gpus: int):  # noqa: ANN001, ANN202
     shape = fit.recipe_shape(recipe)
     if shape is None:
         return None
-    return fit.estimate(shape, fit.recipe_settings(recipe, head, num_labels, gpus=gpus))
+    return fit.estimate(shape, fit.recipe_settings(recipe, head, num_labels, gpus=gpus, task_kind=task.kind))
 
 
 def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1, num_labels: int = 2) -> None:  # noqa: ANN001
@@ -164,7 +164,7 @@ def _print_dry_run_estimate(recipe, auto_fit: bool, gpus: int = 1, num_labels: i
         click.echo(f"# memory estimate: not available for {recipe.model.id} (not a Llama-style decoder whose "
                    "config is known or cached here)")
         return
-    settings = fit.recipe_settings(recipe, head, num_labels, gpus=gpus)
+    settings = fit.recipe_settings(recipe, head, num_labels, gpus=gpus, task_kind=task.kind)
     result = fit.estimate(shape, settings)
     per = f", per device of {gpus}, effective batch {settings.effective_batch}" if gpus > 1 else ""
     click.echo(f"# memory estimate ({shape.name}, for a CUDA GPU{per}): {fit.describe(result)}")
