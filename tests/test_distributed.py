@@ -215,7 +215,7 @@ def test_deepspeed_config_is_resolved_against_the_recipe_and_validated(tmp_path)
 
 def test_estimator_adds_ddp_gradient_buckets_per_device():
     shape = resolve_shape("1.5B")
-    for method, grad_bytes in (("lora", 4), ("full", 2)):
+    for method, grad_bytes in (("lora", 4), ("full", 4)):  # full: fp32 master weights, fp32 gradients
         single = estimate(shape, Settings(seq=256, batch=4, method=method))
         ddp = estimate(shape, replace(single.settings, gpus=4))
         buckets = [t for t in ddp.overhead if t.name == "DDP gradient buckets"]
