@@ -31,7 +31,8 @@ The estimate follows how ftkit trains (``ftkit.modeling``), never the reverse:
 
 ``Settings.device`` matters twice: dropout masks (bool on CUDA, the input's dtype on CPU) and fp16
 LoRA's autocast (CUDA only); ``Settings.mixed_precision`` overrides the latter. Every term is a
-:class:`Term` with its formula, so ``--explain`` can show the arithmetic.
+:class:`Term` with its formula, so ``--explain`` can show the arithmetic. The activation terms are
+in :mod:`ftkit.activations`, the evaluation phase's in :mod:`ftkit.eval_memory`.
 
 Everything is per device. Data parallelism (``gpus`` > 1, DDP as torchrun/accelerate run it) keeps a
 whole copy of the model, its gradients, optimizer states and its micro-batch's activations on every
@@ -243,6 +244,8 @@ def megatron_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> int:
 
 def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     """Peak training memory of one device for ``shape`` trained as ``settings`` say."""
+    from ftkit import activations, eval_memory  # they build on Settings and Term
+
     s = settings
     w = DTYPE_BYTES[s.dtype]
     quantized = s.method == "qlora"
@@ -310,24 +313,24 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         other: list[Term] = []
         notes.append("--formula megatron: GPT-3-style blocks (MHA, 4h GeLU MLP, dropout, 16-bit), as published")
     else:
-        layer_terms = _layer_terms(shape, s, t, tokens)
+        layer_terms = activations.layer_terms(shape, s, t, tokens)
         per = sum(term.bytes for term in layer_terms)
-        other = _outside_terms(shape, s, t, tokens)
+        other = activations.outside_terms(shape, s, t, tokens)
         if s.activation_checkpointing:
             # Non-reentrant checkpointing (the Trainer's) keeps each layer's input, in the residual
             # stream's dtype (fp32 for full fine-tuning), and the backward pass recomputes one layer
             # at a time. The embedding's output needs a gradient then, so layer 0 is like the others.
-            stream = _stream_bytes(s)
+            stream = activations.stream_bytes(s)
             kept = t * shape.hidden_size * stream
             all_layers = Term("activations, all layers (checkpointed)", layers * kept + per,
                               f"{layers} layer inputs × {tokens}·{shape.hidden_size} × {stream} B + one recomputed "
                               f"layer {per:,} B")
         else:
-            first = _first_layer_saving(shape, s, t, tokens)
+            first = activations.first_layer_saving(shape, s, t, tokens)
             less = f" − {first:,} B (layer 0 saves less: its input, the frozen embedding's output, needs no gradient)"
             all_layers = Term("activations, all layers", layers * per - first,
                               f"{layers} × {per:,} B" + (less if first else ""))
-    logits = _logits_terms(shape, s, t, tokens)
+    logits = activations.logits_terms(shape, s, t, tokens)
 
     # --- Peak over the phases of a step -----------------------------------------------------
     static = sum(x.bytes for x in weights) + optimizer.bytes
@@ -357,7 +360,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     # --- The evaluation (baselines before training, the fine-tuned model after) -------------
     # The optimizer states and gradients are gone by then (the pipeline frees them); autocast's
     # weight copies too: a full fine-tuning run evaluates its fp32 weights as they are.
-    evaluation = _eval_terms(shape, s)
+    evaluation = eval_memory.eval_terms(shape, s)
     eval_weights = sum(x.bytes for x in weights if not x.name.startswith("autocast"))
     eval_dynamic = sum(x.bytes for x in evaluation)
     eval_overhead = [Term("allocator slack", round(eval_dynamic * ALLOCATOR_SLACK),
@@ -372,244 +375,6 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         activation_other=other, logits=logits, overhead=overhead, peak_phase=peak_phase, total=total, notes=notes,
         evaluation=evaluation, phases=run_phases,
     )
-
-
-def _stream_bytes(s: Settings) -> int:
-    """Bytes per value of the residual stream: the weights' dtype (fp32 master weights for full
-    fine-tuning, whose fp32 embedding output and residual adds stay fp32 under autocast)."""
-    return 4 if s.method == "full" else DTYPE_BYTES[s.dtype]
-
-
-def _compute_bytes(s: Settings) -> int:
-    """Bytes per value of what the linear layers and attention return: 16 bit under autocast, else
-    the weights' dtype."""
-    return 2 if s.autocast else _stream_bytes(s)
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """A tensor in a layer's data flow: one storage, ``width`` values per token."""
-
-    key: str  # the storage's identity: saved by several ops, it is counted once
-    width: int
-    nbytes: int  # per value
-    grad: bool  # needs a gradient: only then do the ops that use it save what their backward needs
-
-
-class _Saved:
-    """The storages saved for backward, each counted once, as terms with their formulas."""
-
-    def __init__(self, t: int, tokens: str) -> None:
-        self.t, self.tokens = t, tokens
-        self.terms: list[Term] = []
-        self.keys: set[str] = set()
-
-    def add(self, key: str, name: str, width: int, nbytes: int, copies: int = 1) -> None:
-        """``copies`` storages of ``t·width`` values of ``nbytes``, unless ``key`` is already saved."""
-        if copies < 1 or key in self.keys:
-            return
-        self.keys.add(key)
-        self.terms.append(Term(name, copies * self.t * width * nbytes,
-                               f"{f'{copies} × ' if copies > 1 else ''}{self.tokens}·{width} × {nbytes} B"))
-
-    def add_raw(self, key: str, name: str, nbytes: int, formula: str) -> None:
-        if key not in self.keys:
-            self.keys.add(key)
-            self.terms.append(Term(name, nbytes, formula))
-
-
-def _dtype_name(nbytes: int, s: Settings) -> str:
-    return "fp32" if nbytes == 4 else s.dtype
-
-
-def _layer_terms(shape: ModelShape, s: Settings, t: int, tokens: str, *, input_grad: bool = True) -> list[Term]:
-    """What one decoder layer saves for backward as ftkit trains it, storage by storage.
-
-    Follows the layer's data flow (transformers' Qwen2/Llama block, peft's LoRA layers, bitsandbytes'
-    4-bit matmul) with each tensor's dtype and whether it needs a gradient, since an op saves what
-    its backward needs only when one of its inputs does. ``input_grad`` is False for layer 0 under
-    LoRA/QLoRA without checkpointing: its input, the frozen embedding's output, needs no gradient.
-    """
-    h, i, r = shape.hidden_size, shape.intermediate_size, s.lora_r
-    q_width, kv_width, heads = shape.q_width, shape.kv_width, shape.num_heads
-    full, amp = s.method == "full", s.autocast
-    stream, compute = _stream_bytes(s), _compute_bytes(s)
-    targets = set() if full else set(s.target_modules)
-    # peft casts an adapted module's input to its fp32 adapters; its bitsandbytes 4-bit layers skip
-    # the cast under autocast (torch.is_autocast_enabled(), CUDA's: fp16 QLoRA on a GPU).
-    adapter_in = compute if s.method == "qlora" and amp else 4
-    mask = 1 if s.device == "cuda" else adapter_in  # dropout mask: bool on CUDA, the input's dtype on CPU
-    saved = _Saved(t, tokens)
-
-    def norm(label: str, x: _Tensor) -> _Tensor:
-        """RMSNorm: an fp32 copy of its input and the rsqrt; the normalized values for its weight's gradient."""
-        if x.grad:
-            saved.add(x.key if x.nbytes == 4 else f"{label} fp32", f"{label}: fp32 input", h, 4)
-            saved.add(f"{label} rsqrt", f"{label}: rsqrt", 1, 4)
-        if full:
-            saved.add(f"{label} normalized", f"{label}: normalized (weight grad)", h, x.nbytes)
-        return _Tensor(f"{label} output", h, stream, x.grad or full)
-
-    def lora(label: str, chosen: list[str], x: _Tensor) -> None:
-        """peft's LoRA branches of the ``chosen`` modules on their shared input ``x``."""
-        n = len(chosen)
-        if not n:
-            return
-        a_input = 2 if amp else adapter_in  # what lora_A's matmul saves: its input, cast by autocast
-        if s.lora_dropout == 0 and x.nbytes == adapter_in == a_input:
-            saved.add(x.key, f"{label} LoRA A input ({_dtype_name(x.nbytes, s)}, shared)", x.width, x.nbytes)
-        else:
-            if s.lora_dropout > 0 and x.grad:
-                saved.add(f"{label} masks", f"{label} LoRA dropout masks ({n})", x.width, mask, n)
-            what = "dropped" if s.lora_dropout > 0 else "copies"
-            if a_input != adapter_in:
-                what += f", {_dtype_name(a_input, s)} casts"
-            saved.add(f"{label} A inputs", f"{label} LoRA A inputs, {what} ({n})", x.width, a_input, n)
-        saved.add(f"{label} B inputs", f"{label} LoRA B inputs ({n})", r, 2 if amp else 4, n)
-
-    def linears(label: str, group: tuple[str, ...], x: _Tensor, widths: tuple[int, ...]) -> list[_Tensor]:
-        """The linear layers of ``group`` on their shared input ``x``: what they save, and their outputs."""
-        if full and amp and x.nbytes != 2:
-            # autocast casts the input of each op anew (it caches only the weights' casts).
-            n = len(group)
-            saved.add(f"{label} casts", f"{label} input{'s' if n > 1 else ''}, {s.dtype} cast{'s' if n > 1 else ''} "
-                      "(weight grads)", x.width, 2, n)
-        elif full:
-            saved.add(x.key, f"{label} input (weight grad{'s' if len(group) > 1 else ''})", x.width, x.nbytes)
-        else:
-            lora(label, [m for m in group if m in targets], x)
-        return [_Tensor(f"{m} output", width, compute, x.grad or full or m in targets)
-                for m, width in zip(group, widths)]
-
-    x = _Tensor("layer input", h, stream, input_grad)
-    q, k, v = linears("q/k/v", ("q_proj", "k_proj", "v_proj"), norm("input_layernorm", x),
-                      (q_width, kv_width, kv_width))
-    # Rotary embedding: q·cos + rotate(q)·sin saves only cos/sin (shared by all layers, counted
-    # outside); with cos/sin in the stream's dtype, q and k come out in it.
-    # transformers lets SDPA run GQA itself (enable_gqa) only without a mask; with one (padding), and
-    # always in eager attention, it repeats K/V to every head first: a copy, except for a single KV
-    # head, whose repeat is a view of it (stride 0) until something copies it.
-    repeated = shape.num_kv_heads < heads and (s.padded or s.attn == "eager")
-    single = shape.num_kv_heads == 1
-
-    def kv_width_saved(cast: bool) -> int:
-        if not repeated or (single and not cast and (s.attn == "sdpa" or s.batch == 1)):
-            return kv_width
-        # A copy per head: repeat_kv's, autocast's cast of the view, or eager matmul's (it folds
-        # batch and heads into one dimension, which a stride-0 view of several examples cannot).
-        return q_width
-
-    k_saved, v_saved = kv_width_saved(stream != compute), kv_width_saved(False)
-    k_label = " (repeated)" if k_saved != kv_width else ""
-    v_label = " (repeated)" if v_saved != kv_width else ""
-    if s.attn == "sdpa":
-        # Autocast casts q/k/v to 16 bit.
-        if q.grad or k.grad or v.grad:
-            saved.add("sdpa q", "SDPA: q", q_width, compute)
-            if k_saved == v_saved:
-                saved.add("sdpa kv", f"SDPA: k, v{k_label}", k_saved, compute, 2)
-            else:
-                saved.add("sdpa k", f"SDPA: k{k_label}", k_saved, compute)
-                saved.add("sdpa v", f"SDPA: v{v_label}", v_saved, compute)
-            saved.add("attention output", "SDPA: output", q_width, compute)
-            saved.add("sdpa logsumexp", "SDPA: logsumexp (fp32)", heads, 4)
-            if s.padded:
-                # The boolean padding mask, turned into an additive one in q's dtype by each call.
-                saved.add_raw("sdpa mask", "SDPA: additive padding mask", s.batch * s.seq * s.seq * compute,
-                              f"{s.batch}·{s.seq}² × {compute} B")
-        out = _Tensor("attention output", q_width, compute, q.grad or k.grad or v.grad)
-    else:
-        scores = s.batch * heads * s.seq * s.seq
-        score_grad = q.grad or k.grad
-        if k.grad:
-            saved.add("eager q", "eager: q", q_width, compute)
-        if q.grad:
-            saved.add("eager k", f"eager: k{k_label}", k_saved, compute)
-        if score_grad:
-            saved.add_raw("softmax", "eager: softmax (fp32)", scores * 4, f"{s.batch}·{heads}·{s.seq}² × 4 B")
-        if v.grad:
-            # The probabilities in q's dtype (the stream's), cast again by autocast for the matmul.
-            key = "softmax" if stream == 4 and not amp else "probabilities"
-            saved.add_raw(key, f"eager: probabilities ({_dtype_name(compute, s)})", scores * compute,
-                          f"{s.batch}·{heads}·{s.seq}² × {compute} B")
-        if score_grad:
-            saved.add("eager v", f"eager: v{v_label}", v_saved, compute)
-        # Its output, transposed back to tokens × heads, is a new contiguous tensor.
-        out = _Tensor("eager output", q_width, compute, score_grad or v.grad)
-    (o,) = linears("o_proj", ("o_proj",), out, (h,))
-    residual = _Tensor("residual", h, stream, x.grad or o.grad)
-    gate, up = linears("gate/up", ("gate_proj", "up_proj"), norm("post_attention_layernorm", residual), (i, i))
-    if gate.grad:
-        saved.add("gate", "MLP: gate (SiLU input)", i, compute)
-    if up.grad:
-        saved.add("act", "MLP: act(gate)", i, compute)
-    if gate.grad:
-        saved.add("up", "MLP: up", i, compute)
-    linears("down_proj", ("down_proj",), _Tensor("act·up", i, compute, gate.grad or up.grad), (h,))
-    return saved.terms
-
-
-def _first_layer_saving(shape: ModelShape, s: Settings, t: int, tokens: str) -> int:
-    """What layer 0 saves less than the others under LoRA/QLoRA without checkpointing: its input (the
-    frozen embedding's output) needs no gradient, so only the ops downstream of an adapter save."""
-    if s.method == "full" or s.activation_checkpointing:
-        return 0
-    every = sum(term.bytes for term in _layer_terms(shape, s, t, tokens))
-    return every - sum(term.bytes for term in _layer_terms(shape, s, t, tokens, input_grad=False))
-
-
-def _outside_terms(shape: ModelShape, s: Settings, t: int, tokens: str) -> list[Term]:
-    """Saved outside the layers: rotary cos/sin, the final norm, the embedding's ids and the head's input."""
-    h = shape.hidden_size
-    stream = _stream_bytes(s)
-    head_input = 2 if s.autocast else stream  # autocast casts the head's input for its matmul
-    terms = [
-        Term("rotary cos/sin", 2 * s.seq * shape.head_dim * stream, f"2·{s.seq}·{shape.head_dim} × {stream} B"),
-        Term("final norm: fp32 input + rsqrt", t * h * 4 + t * 4, f"{tokens}·({h}·4 + 4) B"),
-    ]
-    if s.method == "full":
-        terms.append(Term("embedding: token ids", t * 8, f"{tokens} × 8 B"))
-        terms.append(Term("final norm: normalized (weight grad)", t * h * stream, f"{tokens}·{h} × {stream} B"))
-    if s.head == "classifier":
-        # The score layer trains with every method (peft's modules_to_save for LoRA/QLoRA).
-        terms.append(Term("score head input", t * h * head_input, f"{tokens}·{h} × {head_input} B"))
-    elif s.method == "full":
-        terms.append(Term("lm_head input (weight grad)", t * h * head_input, f"{tokens}·{h} × {head_input} B"))
-    if s.activation_checkpointing:
-        # Each checkpointed layer's recompute function holds its keyword arguments until the backward
-        # pass: cos/sin (above), the position ids and the attention mask (eager's additive one in the
-        # stream's dtype; SDPA's boolean one, only with padding).
-        terms.append(Term("position ids (kept for the recompute)", s.seq * 8, f"{s.seq} × 8 B"))
-        mask = stream if s.attn == "eager" else 1 if s.padded else 0
-        if mask:
-            terms.append(Term("attention mask (kept for the recompute)", s.batch * s.seq * s.seq * mask,
-                              f"{s.batch}·{s.seq}² × {mask} B"))
-    return terms
-
-
-def _logits_terms(shape: ModelShape, s: Settings, t: int, tokens: str) -> list[Term]:
-    """The loss's saved tensors (fp32 log-softmax over the vocabulary, the labels) and the logits'
-    transient memory at the start of the backward pass."""
-    if s.head == "classifier":
-        # The last token's logits are picked (two index tensors) and their log-softmax saved, in the
-        # logits' dtype (autocast runs it in fp32), with the labels.
-        n = s.num_labels
-        e = 4 if s.autocast else _stream_bytes(s)
-        return [Term("classifier log-softmax + indices (saved)", s.batch * n * e + 3 * s.batch * 8 + e,
-                     f"{s.batch}·{n} × {e} B + 3·{s.batch} × 8 B + {e} B")]
-    v = shape.vocab_size
-    logit_dtype = _compute_bytes(s)
-    terms = [
-        Term("log-softmax (fp32, saved)", t * v * 4, f"{tokens}·{v} × 4 B"),
-        # The labels, padded by one and shifted: a copy, except for one example (a view of the pad).
-        Term("labels (int64, saved)", (t + (s.batch == 1)) * 8 + 4,
-             f"{tokens}{' + 1' if s.batch == 1 else ''} × 8 B + 4 B"),
-        # Alive at the start of backward: the logits the model returns and the fp32 gradient of the
-        # loss with respect to them.
-        Term("logits + their gradient (transient)", t * v * (logit_dtype + 4),
-             f"{tokens}·{v} × ({logit_dtype} + 4) B"),
-    ]
-    return terms
 
 
 def largest_batch(shape: ModelShape, settings: Settings, gpu_bytes: int, *, limit: int = 4096) -> int:
@@ -629,95 +394,3 @@ def largest_batch(shape: ModelShape, settings: Settings, gpu_bytes: int, *, limi
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
-
-
-def _inference_layer_peak(shape: ModelShape, s: Settings, rows: int, length: int, context: int, e: int) -> Term:
-    """The most an inference forward of ``rows`` x ``length`` tokens (attending to ``context``
-    positions) holds at once, besides a KV cache: the attention mask and rotary cos/sin every
-    layer shares, the embeddings (the model keeps them to the end), one layer's input, residual and
-    normed input, and its widest step: the MLP's act(gate), up and their product, or attention's
-    q/k/v (k/v repeated to every head) and output, or eager attention's scores (two at once:
-    16-bit with a fp32 softmax)."""
-    h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.kv_width
-    t = rows * length
-    mask_bytes = 1 if s.attn == "sdpa" else e  # SDPA takes a boolean mask, eager an additive one
-    shared = rows * length * context * mask_bytes + 2 * t * shape.head_dim * e
-    shared_text = f"mask {rows}·{length}·{context} × {mask_bytes} B + cos/sin 2·{t}·{shape.head_dim} × {e} B"
-    if s.method != "full" and e != 4:
-        # peft runs an adapted module's LoRA branch in fp32: a copy of its input and the branch's output.
-        widths = [shape.linear_shapes()[m] for m in s.target_modules]
-        wide = max(fan_in for fan_in, _ in widths) + max(fan_out for _, fan_out in widths)
-        shared += t * wide * 4
-        shared_text += f" + LoRA fp32 input and output {t}·{wide} × 4 B"
-    if s.method == "qlora":
-        # bitsandbytes dequantizes a 4-bit weight to the compute dtype for a multi-token matmul.
-        largest = max(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values())
-        shared += largest * e
-        shared_text += f" + one dequantized weight {largest:,} × {e} B"
-    scores = rows * shape.num_heads * length * context
-    mlp = t * (4 * h + 3 * i) * e
-    # Eager attention returns its probabilities, and the layer holds them until it returns.
-    probabilities = scores * e if s.attn == "eager" else 0
-    attention = t * (3 * h + 4 * q + 2 * kv) * e + (scores * (e + 4) if s.attn == "eager" else 0)
-    if mlp + probabilities >= attention:
-        return Term(f"forward, one layer at a time ({rows}·{length} tokens, MLP)", shared + mlp + probabilities,
-                    f"{rows}·{length}·(4·{h} + 3·{i}) × {e} B + {shared_text}"
-                    + (f" + attention probabilities {rows}·{shape.num_heads}·{length}·{context} × {e} B"
-                       if probabilities else ""))
-    formula = f"{rows}·{length}·(3·{h} + 4·{q} + 2·{kv}) × {e} B + {shared_text}"
-    if s.attn == "eager":
-        formula += f" + scores {rows}·{shape.num_heads}·{length}·{context} × ({e} + 4) B"
-    return Term(f"forward, one layer at a time ({rows}·{length} tokens, attention)", shared + attention, formula)
-
-
-def _kv_cache(shape: ModelShape, rows: int, length: int, e: int, what: str) -> Term:
-    n = 2 * shape.num_layers * rows * length * shape.kv_width
-    return Term(what, n * e, f"2·{shape.num_layers} layers·{rows}·{length}·{shape.kv_width} × {e} B")
-
-
-def _eval_terms(shape: ModelShape, s: Settings) -> list[Term]:
-    """The evaluation's working memory besides the weights (ftkit.evaluator, under inference_mode).
-
-    Nothing is saved for backward; what counts is the widest moment, and only its terms are
-    returned: a layer's transient tensors, the KV cache where the evaluation keeps one, and the
-    vocabulary logits where it makes them (the last position for generation and for label
-    scoring's first token, at most LABEL_TOKENS_PER_ROW per row for the labels' other tokens,
-    NLL_POSITIONS at a time for perplexity). A full fine-tuning run evaluates its fp32 master
-    weights in fp32. Label and answer lengths are not known here: their bounds count.
-    """
-    kind = s.evaluation
-    if kind == "none":
-        return []
-    e = 4 if s.method == "full" else DTYPE_BYTES[s.dtype]
-    b, n, v, h = s.eval_batch, s.seq, shape.vocab_size, shape.hidden_size
-    upcast = 0 if e == 4 else 4  # .float() copies 16-bit logits; fp32 ones stay as they are
-    forward = _inference_layer_peak(shape, s, b, n, n, e)
-    if kind == "classifier":
-        return [forward, Term("classifier logits", b * n * s.num_labels * e + b * s.num_labels * 4,
-                              f"{b}·{n}·{s.num_labels} × {e} B + fp32 copy")]
-
-    def widest(*moments: list[Term]) -> list[Term]:
-        return max(moments, key=lambda terms: sum(t.bytes for t in terms))
-
-    positions = min(NLL_POSITIONS, b * n)
-    nll = widest([forward], [
-        Term("final hidden states + the scored ones", 2 * b * n * h * e, f"2·{b}·{n}·{h} × {e} B"),
-        Term(f"vocabulary logits, {positions} positions at a time", positions * v * (e + upcast + 4),
-             f"{positions}·{v} × ({e} + {upcast} + 4) B (logits, fp32, log-softmax)")])
-    if kind == "perplexity":
-        return nll
-    if kind == "generation":
-        total = n + s.max_new_tokens
-        generation = [_kv_cache(shape, b, total, e, f"KV cache ({b} × {n} + {s.max_new_tokens} new tokens)"), forward,
-                      Term("last position's logits (+ fp32 copies for sampling)", b * v * (e + 12),
-                           f"{b}·{v} × ({e} + 12) B")]
-        return widest(generation, nll)  # generation first, then the gold answers' perplexity
-    # Label scoring: the batch's prompt cache, a copy of it extended by the labels' tokens, and the
-    # widest of the prompt forward and the labels' forward with their logits.
-    k = LABEL_TOKENS_PER_ROW
-    caches = [_kv_cache(shape, b, n, e, f"prompt KV cache ({b} × {n})"),
-              _kv_cache(shape, b, n + k, e, f"its copy with the labels' tokens ({b} × {n} + {k})")]
-    labels = [_inference_layer_peak(shape, s, b, k, n + k, e),
-              Term(f"labels' logits ({b} × {k} tokens, fp32 log-softmax)", b * k * v * (e + upcast + 4),
-                   f"{b}·{k}·{v} × ({e} + {upcast} + 4) B")]
-    return caches + widest([forward], labels)

@@ -378,3 +378,10 @@ def test_an_evaluation_stays_within_its_estimated_phase(kind, attn):
                                       max_new_tokens=16, device="cpu"))
     assert peak.peak <= result.evaluation_bytes
     assert peak.peak >= 0.75 * result.evaluation_bytes, (peak.peak, result.evaluation_bytes)
+
+
+def test_the_evaluation_phase_uses_the_evaluators_own_chunk_sizes():
+    from ftkit import estimator, evaluator
+
+    assert estimator.LABEL_TOKENS_PER_ROW == evaluator.ANSWER_TOKENS_PER_FORWARD
+    assert estimator.NLL_POSITIONS == evaluator.NLL_POSITIONS
