@@ -93,11 +93,13 @@ def eval_terms(shape: ModelShape, s: Settings) -> list[Term]:
                            f"{b}·{v} × ({e} + 12) B")]
         return widest(generation, nll)  # generation first, then the gold answers' perplexity
     # Label scoring: the batch's prompt cache, a copy of it extended by the labels' tokens, and the
-    # widest of the prompt forward and the labels' forward with their logits.
+    # widest of the prompt forward, the labels' forward, and their logits (NLL_POSITIONS at a time
+    # after the labels' hidden states).
     k = LABEL_TOKENS_PER_ROW
     caches = [_kv_cache(shape, b, n, e, f"prompt KV cache ({b} × {n})"),
               _kv_cache(shape, b, n + k, e, f"its copy with the labels' tokens ({b} × {n} + {k})")]
-    labels = [_inference_layer_peak(shape, s, b, k, n + k, e),
-              Term(f"labels' logits ({b} × {k} tokens, fp32 log-softmax)", b * k * v * (e + upcast + 4),
-                   f"{b}·{k}·{v} × ({e} + {upcast} + 4) B")]
-    return caches + widest([forward], labels)
+    positions = min(NLL_POSITIONS, b * k)
+    logits = [Term(f"labels' hidden states ({b} × {k} tokens)", b * k * h * e, f"{b}·{k}·{h} × {e} B"),
+              Term(f"their vocabulary logits, {positions} positions at a time", positions * v * (e + upcast + 4),
+                   f"{positions}·{v} × ({e} + {upcast} + 4) B (logits, fp32, log-sum-exp)")]
+    return caches + widest([forward], [_inference_layer_peak(shape, s, b, k, n + k, e)], logits)

@@ -114,11 +114,22 @@ def _sequence_nll(model, batch: dict):  # noqa: ANN001, ANN202
     rows, columns = scored.nonzero(as_tuple=True)
     states, gold = hidden[rows, columns], targets[rows, columns]  # position t predicts token t + 1
     del hidden
-    nll = torch.cat([F.cross_entropy(head(states[start:start + NLL_POSITIONS]).float(),
-                                     gold[start:start + NLL_POSITIONS], reduction="none")
-                     for start in range(0, len(gold), NLL_POSITIONS)]) if len(gold) else states.new_zeros(0)
-    total = torch.zeros(targets.size(0), device=nll.device, dtype=torch.float32).index_add_(0, rows, nll.float())
+    nll = -_token_logprobs(head, states, gold)
+    total = torch.zeros(targets.size(0), device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
     return total, scored.sum(-1)
+
+
+def _token_logprobs(head, states, tokens):  # noqa: ANN001, ANN202
+    """fp32 log-probabilities of ``tokens`` (any shape) under the LM ``head`` at ``states`` (the same
+    shape plus the hidden size), ``NLL_POSITIONS`` positions' vocabulary logits at a time."""
+    import torch
+
+    flat, wanted = states.reshape(-1, states.size(-1)), tokens.reshape(-1)
+    chunks = []
+    for start in range(0, len(wanted), NLL_POSITIONS):
+        logits = head(flat[start:start + NLL_POSITIONS]).float()
+        chunks.append(logits.gather(-1, wanted[start:start + NLL_POSITIONS, None]).squeeze(-1) - logits.logsumexp(-1))
+    return (torch.cat(chunks) if chunks else flat.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
 
 
 def _decoder_and_head(model):  # noqa: ANN001, ANN202
@@ -417,9 +428,14 @@ def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: l
         mask = torch.zeros(sees.shape, device=device).masked_fill(~sees, torch.finfo(torch.float32).min)
     else:  # SDPA takes a boolean mask (True: may attend) whatever the compute dtype
         mask = sees
-    out = model(input_ids=inputs, attention_mask=mask, position_ids=last_positions[:, None] + 1 + offset,
-                use_cache=True, **{cache_name: _cache_rows(cache)}, **({"logits_to_keep": 0} if keeps_logits else {}))
-    logprob = out.logits[:, -width:].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    arguments = {"input_ids": inputs, "attention_mask": mask, "position_ids": last_positions[:, None] + 1 + offset,
+                 "use_cache": True, cache_name: _cache_rows(cache)}
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        out = model(**arguments, **({"logits_to_keep": 0} if keeps_logits else {}))
+        logprob = out.logits[:, -width:].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    else:  # vocabulary logits for NLL_POSITIONS positions at a time, not the whole batch's at once
+        logprob = _token_logprobs(head, decoder(**arguments).last_hidden_state[:, -width:], targets)
     sums = torch.zeros((len(answers), max(len(row) for row in answers) + 1), device=device)
     sums.scatter_add_(1, torch.where(real, block, sums.size(1) - 1), logprob * real)  # padding: the last column
     return sums[:, :-1].cpu()
