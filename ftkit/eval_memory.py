@@ -7,7 +7,8 @@ transient tensors, vocabulary logits where it makes them), for :func:`ftkit.esti
 
 from __future__ import annotations
 
-from ftkit.estimator import DTYPE_BYTES, LABEL_TOKENS_PER_ROW, NLL_POSITIONS, Settings, Term
+from ftkit.activations import stream_bytes
+from ftkit.estimator import LABEL_TOKENS_PER_ROW, NLL_POSITIONS, Settings, Term
 from ftkit.model_configs import ModelShape
 
 
@@ -68,7 +69,7 @@ def eval_terms(shape: ModelShape, s: Settings) -> list[Term]:
     kind = s.evaluation
     if kind == "none":
         return []
-    e = 4 if s.method == "full" else DTYPE_BYTES[s.dtype]
+    e = stream_bytes(s)  # the weights' dtype, which evaluation computes in
     b, n, v, h = s.eval_batch, s.seq, shape.vocab_size, shape.hidden_size
     upcast = 0 if e == 4 else 4  # .float() copies 16-bit logits; fp32 ones stay as they are
     forward = _inference_layer_peak(shape, s, b, n, n, e)
