@@ -239,3 +239,29 @@ def test_estimate_cli_gpus_shows_per_device_and_the_effective_batch():
     assert "MEMORY PER DEVICE" in text.stdout
     bad = run_ftkit("estimate", "--model", "1.5B", "--gpus", "0")
     assert bad.returncode == 2 and bad.stderr == "Error: --gpus: 0 must be at least 1\n"
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+from ftkit import distributed
+
+class Teardown:
+    def __del__(self):
+        print("torn down", flush=True)  # only the interpreter's teardown frees this global
+
+keep = Teardown()
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("written, not flushed; ")
+{end}
+"""
+
+
+@pytest.mark.parametrize("end, torn_down", [("distributed.exit_process(3)", False), ("sys.exit(3)", True)])
+def test_a_rank_exits_with_its_code_after_atexit_but_without_the_interpreters_teardown(end, torn_down):
+    """A rank's last step (ftkit.distributed.exit_process): DDP leaves gloo's threads running, and
+    the interpreter's teardown can abort on them; atexit handlers and buffered output still count."""
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT.format(end=end)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("written, not flushed; atexit ran\n")
+    assert ("torn down" in done.stdout) is torn_down  # sys.exit: the control that shows the difference

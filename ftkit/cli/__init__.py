@@ -51,6 +51,24 @@ class FtkitGroup(click.Group):
             command = super().get_command(ctx, cmd_name)
         return command
 
+    def main(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - click's own signature
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as done:
+            if distributed.started():  # a rank of a multi-process run: see distributed.exit_process
+                code = done.code
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+                distributed.exit_process(code if isinstance(code, int) else 0 if code is None else 1)
+            raise
+        except BaseException:  # `--debug`: the traceback, as the interpreter would print it
+            if distributed.started():
+                import traceback
+
+                traceback.print_exc()
+                distributed.exit_process(1)
+            raise
+
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
         debug = ctx.params.get("debug") or os.environ.get("FTKIT_DEBUG") == "1"
         try:
