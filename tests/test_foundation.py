@@ -85,6 +85,23 @@ def test_help_teaches_with_examples():
         assert expected in result.output
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"], ["tasks"]])
+def test_a_reader_gone_before_any_output_is_a_quiet_success(args):
+    """`ftkit --help | true`: the pipe's reader exits first; the CLI stops quietly with status 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into the pipe now fails with EPIPE, as after `true` exits
+    try:
+        done = subprocess.run([sys.executable, "-m", "ftkit", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 def test_tasks_table_lists_builtin_tasks():
     result = CliRunner().invoke(main, ["tasks"])
     assert result.exit_code == 0, result.output

@@ -69,6 +69,15 @@ class FtkitGroup(click.Group):
                 distributed.exit_process(1)
             raise
 
+    def make_context(self, *args, **kwargs) -> click.Context:  # noqa: ANN002, ANN003 - click's own signature
+        # `ftkit --help` prints while the context is made, before `invoke` (which handles a closed
+        # pipe for every command): without this, click answers a closed pipe with status 1.
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            quiet_closed_stdout()
+            raise click.exceptions.Exit(0) from None
+
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
         debug = ctx.params.get("debug") or os.environ.get("FTKIT_DEBUG") == "1"
         try:
