@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,11 @@ from ftkit.tasks import Example, Task
 
 
 PROGRESS_EVERY_S = 10.0  # without a terminal: one progress line at most this often
+
+#: Whether evaluations show progress. A run with ``--quiet`` or ``--json-logs`` turns it off for
+#: its own evaluations (``FineTuneRun.run``); a context variable, so no signature in between
+#: carries a flag that only the console cares about.
+show_progress: ContextVar[bool] = ContextVar("ftkit_evaluation_progress", default=True)
 
 
 def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int], desc: str):  # noqa: ANN202
@@ -41,7 +47,7 @@ def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int], desc: s
 
     order = sorted(range(len(items)), key=lambda i: -key(items[i]))
     starts = range(0, len(order), size)
-    main = distributed.is_main()
+    main = distributed.is_main() and show_progress.get()
     if not main or sys.stderr.isatty():
         for start in tqdm(starts, desc=desc, unit="batch", disable=None if main else True, leave=False):
             chunk = order[start:start + size]

@@ -68,8 +68,14 @@ class FineTuneRun:
 
     def run(self) -> Path:
         """The steps in order; SIGINT and SIGTERM stop the run as :mod:`ftkit.interrupts` says."""
-        with self.stops.installed():
-            return self._steps()
+        from ftkit.evaluator import show_progress
+
+        token = show_progress.set(not (self.echo.quiet or self.echo.json))
+        try:
+            with self.stops.installed():
+                return self._steps()
+        finally:
+            show_progress.reset(token)
 
     def _steps(self) -> Path:
         distributed.init()

@@ -113,6 +113,20 @@ def test_quiet_prints_only_warnings_and_the_final_results(tmp_path):
     assert done.stderr == ""
 
 
+@pytest.mark.parametrize("flag", ["--quiet", "--json-logs", None])
+def test_quiet_and_json_logs_runs_evaluate_without_progress_lines(tmp_path, monkeypatch, flag):
+    """Evaluation progress (a line per batch here, instead of every 10 s) is for people watching."""
+    from ftkit import evaluator
+
+    monkeypatch.setattr(evaluator, "PROGRESS_EVERY_S", 0.0)
+    args = ["run", TINY, *FAST, "--set", "eval.batch_size=2", *out_arg(tmp_path / "run"), *([flag] if flag else [])]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert "evaluating" not in done.stdout
+    assert ("evaluating fine-tuned: 2/12 (17%)" in done.stderr) is (flag is None)  # the control: shown by default
+    assert evaluator.show_progress.get()  # the run's setting ends with the run
+
+
 def test_json_logs_end_with_an_error_event_and_the_error_line_on_stderr(tmp_path):
     out = tmp_path / "exists"
     out.mkdir()

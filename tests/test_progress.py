@@ -22,3 +22,13 @@ def test_without_a_terminal_progress_is_a_plain_line_with_done_total_and_rate(mo
 def test_progress_lines_are_rate_limited(capsys):
     list(evaluator._batches([[1]] * 50, 1, len, "evaluating base model"))
     assert capsys.readouterr().err == ""  # a fast evaluation prints nothing in between
+
+
+def test_progress_can_be_turned_off(monkeypatch, capsys):
+    monkeypatch.setattr(evaluator, "PROGRESS_EVERY_S", 0.0)
+    token = evaluator.show_progress.set(False)
+    try:
+        seen = [i for chunk, _ in evaluator._batches([[1]] * 5, 1, len, "evaluating base model") for i in chunk]
+    finally:
+        evaluator.show_progress.reset(token)
+    assert sorted(seen) == list(range(5)) and capsys.readouterr().err == ""
