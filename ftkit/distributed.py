@@ -110,7 +110,7 @@ def exit_process(code: int) -> NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()  # noqa: SLF001 - the documented hooks, run as the interpreter would
+    atexit._run_exitfuncs()  # noqa: SLF001 - private, but it is the interpreter's own atexit step
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

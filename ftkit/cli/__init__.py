@@ -54,20 +54,16 @@ class FtkitGroup(click.Group):
     def main(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - click's own signature
         try:
             return super().main(*args, **kwargs)
-        except SystemExit as done:
-            if distributed.started():  # a rank of a multi-process run: see distributed.exit_process
-                code = done.code
-                if isinstance(code, str):
-                    print(code, file=sys.stderr)
-                distributed.exit_process(code if isinstance(code, int) else 0 if code is None else 1)
-            raise
-        except BaseException:  # `--debug`: the traceback, as the interpreter would print it
-            if distributed.started():
+        except BaseException as done:
+            if not distributed.started():
+                raise
+            # A rank of a multi-process run leaves through distributed.exit_process.
+            if not isinstance(done, SystemExit):  # `--debug`: the traceback, as the interpreter prints it
                 import traceback
 
                 traceback.print_exc()
-                distributed.exit_process(1)
-            raise
+            code = done.code if isinstance(done, SystemExit) else 1
+            distributed.exit_process(code if isinstance(code, int) else 0 if code is None else 1)
 
     def make_context(self, *args, **kwargs) -> click.Context:  # noqa: ANN002, ANN003 - click's own signature
         # `ftkit --help` prints while the context is made, before `invoke` (which handles a closed
