@@ -52,6 +52,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 ATTENTION = ("sdpa", "eager")
 HEADS = ("causal", "classifier")
 FORMULAS = ("ftkit", "megatron")
+DEVICES = ("cuda", "cpu")
 #: What the evaluation runs (ftkit.evaluator): a classifier head's logits; label scoring with the LM
 #: head (prompt KV cache + the labels' tokens); generation (KV cache to max_new_tokens) followed by
 #: the gold answers' perplexity; perplexity alone; or nothing. auto: classifier for a classifier
@@ -114,7 +115,7 @@ class Settings:
         for name, value, allowed in (("method", self.method, METHODS), ("dtype", self.dtype, tuple(DTYPE_BYTES)),
                                      ("optim", self.optim, OPTIMIZERS), ("attn", self.attn, ATTENTION),
                                      ("head", self.head, HEADS), ("formula", self.formula, FORMULAS),
-                                     ("eval_kind", self.eval_kind, EVAL_KINDS)):
+                                     ("eval_kind", self.eval_kind, EVAL_KINDS), ("device", self.device, DEVICES)):
             if value not in allowed:
                 raise UsageError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
         if self.mixed_precision and self.dtype == "fp32":

@@ -164,6 +164,13 @@ def test_bad_input_is_one_line(args, message):
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
+def test_settings_refuse_an_unknown_device():
+    """A typo would otherwise estimate as a CPU run (dropout masks, autocast) without a word."""
+    with pytest.raises(UsageError, match=r"^--device: 'gpu' is not one of cuda, cpu$"):
+        Settings(seq=8, device="gpu")
+    assert Settings(seq=8, device="cpu").device == "cpu"
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 768}', encoding="utf-8")
     with pytest.raises(UsageError, match="model_type 'bert' is not modelled"):
