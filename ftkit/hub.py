@@ -23,28 +23,71 @@ CONNECT_TIMEOUT_S = 3.0
 MODELSCOPE_ENDPOINT = "https://modelscope.cn"
 
 
+DATA_FIX = "download the data on a connected machine and set task.train_file to the file"
+
+
 def load_hub_rows(spec: str, *, subset: str | None = None, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of ``spec`` (``modelscope:ORG/NAME`` or ``huggingface:ORG/NAME``) as plain dicts."""
+    """Rows of ``spec`` (``modelscope:ORG/NAME`` or ``huggingface:ORG/NAME``) as plain dicts.
+
+    Offline, a one-line error within seconds (a cached Hugging Face dataset still loads): the hub
+    clients would otherwise retry for 20 s and more, logging every attempt.
+    """
     source, _, dataset_id = spec.partition(":")
+    where = f"{spec} (subset {subset!r}, split {split!r})"
+    if source == "modelscope":
+        return _modelscope_rows(dataset_id, subset, split, where)
+    if source == "huggingface":
+        return _huggingface_rows(dataset_id, subset, split, where)
+    raise DataError(f"unknown hub source {source!r} in {spec!r}: use modelscope:ORG/NAME or huggingface:ORG/NAME")
+
+
+def _modelscope_rows(dataset_id: str, subset: str | None, split: str, where: str) -> list[dict[str, Any]]:
     try:
-        if source == "modelscope":
-            # MsDataset needs extras that modelscope[datasets] would pin datasets to 4.x; import lazily
-            # so only users of hub data pay for (and need) it.
-            from modelscope.msdatasets import MsDataset
+        # MsDataset needs extras that modelscope[datasets] would pin datasets to 4.x; imported
+        # lazily so only users of hub data pay for (and need) it.
+        from modelscope.msdatasets import MsDataset
+    except ImportError as error:
+        raise DataError(f"reading {where} needs ModelScope's dataset packages (missing: {error.name}); install "
+                        f"them with pip (without letting it downgrade datasets), or {DATA_FIX}") from None
+    why = unreachable(modelscope_endpoint())
+    if why:
+        raise DataError(f"could not load {where}: {why}; {DATA_FIX}")
+    try:
+        return [dict(row) for row in MsDataset.load(dataset_id, subset_name=subset, split=split)]
+    except Exception as error:  # noqa: BLE001 - hub clients raise many unrelated types
+        raise DataError(f"could not load {where} from ModelScope: {type(error).__name__}: {error}; "
+                        f"{DATA_FIX}") from error
 
-            data = MsDataset.load(dataset_id, subset_name=subset, split=split)
-            return [dict(row) for row in data]
-        if source == "huggingface":
-            import datasets
 
+def _huggingface_rows(dataset_id: str, subset: str | None, split: str, where: str) -> list[dict[str, Any]]:
+    import datasets
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+    try:
+        with _datasets_offline(bool(why)):
             return [dict(row) for row in datasets.load_dataset(dataset_id, subset, split=split)]
     except Exception as error:  # noqa: BLE001 - hub clients raise many unrelated types
-        raise DataError(
-            f"could not load {spec} (subset {subset!r}, split {split!r}) from the hub: "
-            f"{type(error).__name__}: {error}; offline, download it elsewhere and set the task's "
-            "data file in the recipe"
-        ) from error
-    raise DataError(f"unknown hub source {source!r} in {spec!r}: use modelscope:ORG/NAME or huggingface:ORG/NAME")
+        cause = f"is not in the datasets cache and {why}" if why else \
+            f"could not be loaded from the Hugging Face hub ({type(error).__name__}: {error})"
+        raise DataError(f"{where} {cause}; {DATA_FIX}") from error
+
+
+@contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """``datasets`` in offline mode for the block: its cache only, no retries.
+
+    ``datasets`` reads ``HF_HUB_OFFLINE`` once, at import; its loaders check the module's
+    setting at each call, which is what this switches (and puts back).
+    """
+    from datasets import config
+
+    before = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = before
 
 
 # -- models in the local caches ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hub models offline: a fast one-line error, nothing left in the caches, and where the model is said up front.
+"""Hub models and datasets offline: a fast one-line error, nothing left in the caches, and where the model is said up front.
 
 The hub is made unreachable without relying on this machine's network: its endpoint points at a
 closed local port (or at a local server that answers 404), and the caches are empty temporary
@@ -215,3 +215,64 @@ def test_validate_and_dry_run_say_where_the_model_is_without_importing_torch(cac
     assert json.loads(as_json.stdout)["model_location"].startswith("needs a download from ModelScope")
     assert heavy_imports_after(["validate", str(EMOTION)]) == []
     assert heavy_imports_after(["run", str(EMOTION), "--dry-run"]) == ["datasets"]
+
+
+# -- hub datasets ---------------------------------------------------------------------------------
+
+SQUAD = ROOT / "recipes" / "squad-qa.toml"  # with no train_file: huggingface:rajpurkar/squad
+HC3 = ROOT / "recipes" / "hc3.toml"  # modelscope:simpleai/HC3-Chinese
+
+
+def test_an_unreachable_hub_dataset_fails_in_seconds_with_one_line(caches):
+    done, seconds = run_online("run", str(SQUAD), "--set", 'task.train_file=""', "--dry-run",
+                               HF_ENDPOINT=CLOSED_PORT)
+    print(f"offline hub dataset failed after {seconds:.1f} s")  # 24.7 s of retries before ftkit checked
+    assert_one_line_error(done, "huggingface:rajpurkar/squad (subset None, split 'train') is not in the datasets "
+                                "cache and 127.0.0.1:9 cannot be reached (Connection refused); download the data")
+    assert "Retrying" not in done.stderr
+    assert seconds < SLOW_S
+
+
+CACHE_A_HUB_DATASET = """
+import glob, json, os, shutil, sys
+import datasets
+cache, rows = sys.argv[1], os.path.join(sys.argv[1], "rows.jsonl")
+os.makedirs(cache)
+with open(rows, "w") as handle:
+    handle.write(json.dumps({"id": "1", "title": "T", "context": "Paris is the capital of France.",
+                             "question": "What is the capital of France?",
+                             "answers": {"text": ["Paris"], "answer_start": [0]}}) + "\\n")
+datasets.load_dataset("json", data_files=rows, split="train")
+(built,) = [p for p in glob.glob(os.path.join(cache, "json", "*", "*", "*")) if os.path.isdir(p)]
+home = os.path.join(cache, "rajpurkar___squad", "default", "0.0.0", os.path.basename(built))
+shutil.move(built, home)  # where the hub's copy would be cached, under its name
+for name in glob.glob(os.path.join(home, "json-*")):
+    os.rename(name, name.replace("json-", "squad-"))
+"""
+
+
+def test_a_cached_hub_dataset_loads_with_the_hub_unreachable(caches, tmp_path):
+    """What `datasets` cached on a connected machine still loads offline, without its retries."""
+    cache = tmp_path / "datasets"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache)}
+    subprocess.run([sys.executable, "-c", CACHE_A_HUB_DATASET, str(cache)], env=env, check=True, capture_output=True,
+                   timeout=120)
+    read = "from ftkit.hub import load_hub_rows; print(load_hub_rows('huggingface:rajpurkar/squad')[0]['question'])"
+    online = {k: v for k, v in env.items() if not k.endswith("_OFFLINE")} | {"HF_ENDPOINT": CLOSED_PORT}
+    done = subprocess.run([sys.executable, "-c", read], env=online, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "What is the capital of France?\n"
+    assert "Retrying" not in done.stderr
+
+
+def test_a_modelscope_dataset_names_what_is_missing_or_unreachable(caches):
+    done, seconds = run_online("run", str(HC3), "--dry-run", MODELSCOPE_ENDPOINT=CLOSED_PORT)
+    where = "modelscope:simpleai/HC3-Chinese (subset 'baike', split 'train')"
+    try:
+        import modelscope.msdatasets  # noqa: F401 - whether this machine has ModelScope's dataset packages
+    except ImportError as error:
+        assert_one_line_error(done, f"reading {where} needs ModelScope's dataset packages (missing: {error.name})")
+    else:
+        assert_one_line_error(done, f"could not load {where}: 127.0.0.1:9 cannot be reached (Connection refused)")
+    assert seconds < SLOW_S
