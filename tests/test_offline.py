@@ -1,4 +1,4 @@
-"""Hub models and datasets offline: a fast one-line error, nothing left in the caches, and where the model is said up front.
+"""Hub models and datasets offline: a fast one-line error, caches left as they were, the model located up front.
 
 The hub is made unreachable without relying on this machine's network: its endpoint points at a
 closed local port (or at a local server that answers 404), and the caches are empty temporary
