@@ -63,7 +63,8 @@ def _huggingface_rows(dataset_id: str, subset: str | None, split: str, where: st
     import datasets
     from huggingface_hub import constants
 
-    why = "HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+    why = ("offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)" if datasets.config.HF_HUB_OFFLINE
+           else unreachable(constants.ENDPOINT))
     try:
         with _datasets_offline(bool(why)):
             return [dict(row) for row in datasets.load_dataset(dataset_id, subset, split=split)]

@@ -233,6 +233,19 @@ def test_an_unreachable_hub_dataset_fails_in_seconds_with_one_line(caches):
     assert seconds < SLOW_S
 
 
+def test_a_hub_dataset_in_offline_mode_says_so(tmp_path, monkeypatch):
+    """conftest sets HF_HUB_OFFLINE, as a user working offline would: no connection is tried."""
+    from ftkit.errors import DataError
+
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(DataError) as raised:
+        hub.load_hub_rows("huggingface:someone/nothing-here", split="test")
+    assert str(raised.value) == (
+        "huggingface:someone/nothing-here (subset None, split 'test') is not in the datasets cache and offline "
+        "mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE); download the data on a connected machine and set "
+        "task.train_file to the file")
+
+
 CACHE_A_HUB_DATASET = """
 import glob, json, os, shutil, sys
 import datasets
