@@ -57,12 +57,16 @@ def caches(tmp_path, monkeypatch) -> dict[str, Path]:
     return folders
 
 
+def online_env(**env: str) -> dict[str, str]:
+    """This process's environment with the hub libraries allowed online (conftest turns them offline)."""
+    return {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")} | env
+
+
 def run_online(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``ftkit ARGS`` with the hub libraries allowed online (conftest turns them offline), and its time."""
-    full_env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")} | env
+    """``ftkit ARGS`` with the hub libraries allowed online, and its time."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "ftkit", *args], capture_output=True, text=True, env=full_env,
-                          timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-m", "ftkit", *args], capture_output=True, text=True,
+                          env=online_env(**env), timeout=300, check=False)
     return done, time.perf_counter() - started
 
 
@@ -267,11 +271,10 @@ for name in glob.glob(os.path.join(home, "json-*")):
 def test_a_cached_hub_dataset_loads_with_the_hub_unreachable(caches, tmp_path):
     """What `datasets` cached on a connected machine still loads offline, without its retries."""
     cache = tmp_path / "datasets"
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache)}
-    subprocess.run([sys.executable, "-c", CACHE_A_HUB_DATASET, str(cache)], env=env, check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-c", CACHE_A_HUB_DATASET, str(cache)],
+                   env={**os.environ, "HF_DATASETS_CACHE": str(cache)}, check=True, capture_output=True, timeout=120)
     read = "from ftkit.hub import load_hub_rows; print(load_hub_rows('huggingface:rajpurkar/squad')[0]['question'])"
-    online = {k: v for k, v in env.items() if not k.endswith("_OFFLINE")} | {"HF_ENDPOINT": CLOSED_PORT}
+    online = online_env(HF_DATASETS_CACHE=str(cache), HF_ENDPOINT=CLOSED_PORT)
     done = subprocess.run([sys.executable, "-c", read], env=online, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr
