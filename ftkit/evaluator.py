@@ -97,30 +97,32 @@ NLL_POSITIONS = 256
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _sequence_nll(model, batch: dict):  # noqa: ANN001, ANN202
+def _sequence_nll(model, batch: dict, allowed=None):  # noqa: ANN001, ANN202
     """Summed negative log-likelihood of the labelled tokens of each sequence, and their count.
 
     Vocabulary logits only at the labelled positions, ``NLL_POSITIONS`` at a time: the model's own
     forward makes them at every position (with an fp32 copy for the loss), about 12 GB at eval
     batch 16 and sequence 512 for a 152k vocabulary, which ran out of memory where training fit.
+    ``allowed``: one row of token ids (-1 padding) per labelled position, in row-major order: each
+    token's probability is then normalised over those tokens instead of the vocabulary.
     """
     import torch
-    import torch.nn.functional as F
 
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
+    rows, columns = scored.nonzero(as_tuple=True)
+    gold = targets[rows, columns]  # position t predicts token t + 1
     decoder, head = _decoder_and_head(model)
     if decoder is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        return nll.sum(-1), scored.sum(-1)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
-    rows, columns = scored.nonzero(as_tuple=True)
-    states, gold = hidden[rows, columns], targets[rows, columns]  # position t predicts token t + 1
-    del hidden
-    nll = -_token_logprobs(head, states, gold)
+        states, head = logits[rows, columns], torch.nn.Identity()
+        del logits
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+        states = hidden[rows, columns]
+        del hidden
+    nll = -_node_logprobs(head, states, torch.arange(len(gold), device=gold.device), gold, allowed)
     total = torch.zeros(targets.size(0), device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
     return total, scored.sum(-1)
 
@@ -131,11 +133,31 @@ def _token_logprobs(head, states, tokens):  # noqa: ANN001, ANN202
     import torch
 
     flat, wanted = states.reshape(-1, states.size(-1)), tokens.reshape(-1)
-    chunks = []
-    for start in range(0, len(wanted), NLL_POSITIONS):
-        logits = head(flat[start:start + NLL_POSITIONS]).float()
-        chunks.append(logits.gather(-1, wanted[start:start + NLL_POSITIONS, None]).squeeze(-1) - logits.logsumexp(-1))
-    return (torch.cat(chunks) if chunks else flat.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
+    return _node_logprobs(head, flat, torch.arange(len(wanted), device=wanted.device), wanted).view(tokens.shape)
+
+
+def _node_logprobs(head, states, nodes, tokens, allowed=None):  # noqa: ANN001, ANN202
+    """fp32 log-probabilities of ``tokens[e]`` under the LM ``head`` at ``states[nodes[e]]``.
+
+    A state's vocabulary logits are computed once however many tokens are scored there (a label
+    trie's branching node scores every child), ``NLL_POSITIONS`` states at a time. ``allowed``
+    (one row of token ids per state, -1 padding): normalise over those tokens only, not the
+    vocabulary (label scoring constrained to the label set).
+    """
+    import torch
+
+    out = torch.zeros(len(tokens), dtype=torch.float32, device=states.device)
+    for start in range(0, len(states), NLL_POSITIONS):
+        logits = head(states[start:start + NLL_POSITIONS]).float()
+        if allowed is None:
+            norm = logits.logsumexp(-1)
+        else:
+            ids = allowed[start:start + NLL_POSITIONS]
+            norm = logits.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, -math.inf).logsumexp(-1)
+        here = (nodes >= start) & (nodes < start + len(logits))
+        local = nodes[here] - start
+        out[here] = logits[local, tokens[here]] - norm[local]
+    return out
 
 
 def _decoder_and_head(model):  # noqa: ANN001, ANN202
@@ -198,14 +220,21 @@ CONTENT_FREE_INPUT = "N/A"
 ANSWER_TOKENS_PER_FORWARD = 64
 
 
+#: How a causal LM scores a label as the answer (``eval.label_score``).
+LABEL_SCORES = ("sum", "mean", "constrained")
+
+
 def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
                  max_len: int, desc: str, *, score: str = "sum", calibrate: bool = False):
     """An (examples × labels) tensor: how strongly the model gives each label as the answer.
 
     ``score="sum"``: the answer's log-likelihood after the prompt; ``"mean"``: per answer token, so
-    a label is not penalised for having more tokens. ``calibrate``: minus the labels' log-probs after
-    a content-free input (contextual calibration, Zhao et al. 2021). The prompt runs once per example
-    and its KV cache serves every label; see :func:`answer_logprobs`.
+    a label is not penalised for having more tokens; ``"constrained"``: the label's probability
+    when decoding may only spell a label: each token's probability is renormalised over the tokens
+    that continue some label from there (the labels' prefix trie), so a token every remaining label
+    agrees on costs nothing. ``calibrate``: minus the labels' log-probs after a content-free input
+    (contextual calibration, Zhao et al. 2021). The prompt runs once per example and its KV cache
+    serves every label; see :func:`answer_logprobs`.
     """
     return _label_scores(answer_logprobs, model, tokenizer, examples, labels, batch_size, max_len, desc,
                          score, calibrate)
@@ -220,7 +249,10 @@ def label_scores_brute_force(model, tokenizer, examples: list[Example], labels: 
 
 def _label_scores(logprobs, model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN202
                   max_len: int, desc: str, score: str, calibrate: bool):
-    total, count = logprobs(model, tokenizer, examples, labels, batch_size, max_len, desc)
+    if score not in LABEL_SCORES:
+        raise ValueError(f"`score` must be one of {', '.join(LABEL_SCORES)}, got {score!r}")
+    constrained = score == "constrained"
+    total, count = logprobs(model, tokenizer, examples, labels, batch_size, max_len, desc, constrained=constrained)
     scores = reduce_answer_logprobs(total, count, score)
     if not calibrate:
         return scores
@@ -228,32 +260,67 @@ def _label_scores(logprobs, model, tokenizer, examples: list[Example], labels: l
     blanks: dict[Example, int] = {}
     rows = [blanks.setdefault(replace(e, input=CONTENT_FREE_INPUT, target="", references=("",)), len(blanks))
             for e in examples]
-    blank_total, blank_count = logprobs(model, tokenizer, list(blanks), labels, batch_size, max_len, desc)
+    blank_total, blank_count = logprobs(model, tokenizer, list(blanks), labels, batch_size, max_len, desc,
+                                        constrained=constrained)
     return calibrate_scores(scores, reduce_answer_logprobs(blank_total, blank_count, score)[rows])
 
 
 def reduce_answer_logprobs(total, count, score: str):  # noqa: ANN001, ANN201
-    """A label's score from its answer tokens' summed log-prob and their number: the sum or the mean."""
-    if score == "sum":
+    """A label's score from its answer tokens' summed log-prob and their number: the sum (also the
+    constrained log-prob's), or the mean."""
+    if score in ("sum", "constrained"):
         return total
     if score == "mean":
         return total / count.clamp(min=1)
-    raise ValueError(f"`score` must be sum or mean, got {score!r}")
+    raise ValueError(f"`score` must be one of {', '.join(LABEL_SCORES)}, got {score!r}")
 
 
 def calibrate_scores(scores, content_free):  # noqa: ANN001, ANN201
     """Contextual calibration: subtract each label's log-prob (over the labels) after a content-free input.
 
-    ``content_free`` holds the label scores after the content-free input, one row per row of
-    ``scores``. A softmax over the result equals Zhao et al.'s diag(p_cf)^-1 p, renormalized.
+    ``content_free`` holds the label scores after the content-free input, one row of ``scores``
+    each. A softmax over the result equals Zhao et al.'s diag(p_cf)^-1 p, renormalized.
     """
     return scores - content_free.log_softmax(-1)
 
 
+def _answer_trie(answers: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """Each prefix of the answers (the empty one too) → the tokens that follow it in some answer.
+
+    Constrained scoring normalises a token's probability over its prefix's followers only.
+    """
+    followers: dict[tuple[int, ...], dict[int, None]] = {}
+    for answer in answers:
+        for n, token in enumerate(answer):
+            followers.setdefault(tuple(answer[:n]), {})[token] = None
+    return {prefix: list(tokens) for prefix, tokens in followers.items()}
+
+
+def _scored_depths(answer: list[int], trie: dict[tuple[int, ...], list[int]], constrained: bool) -> list[int]:
+    """The depths n >= 1 whose token ``answer[n]`` must be scored after ``answer[:n]``.
+
+    Every one for the log-likelihood; constrained, only where the prefix has other followers: a
+    token no other label could take there has probability 1, and costs no forward.
+    """
+    return [n for n in range(1, len(answer)) if not constrained or len(trie[tuple(answer[:n])]) > 1]
+
+
+def _allowed(rows: list[list[int]], device):  # noqa: ANN001, ANN202
+    """Rows of token ids as one tensor, padded with -1 (see :func:`_node_logprobs`)."""
+    import torch
+
+    width = max((len(row) for row in rows), default=0)
+    return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+
+
 def answer_logprobs_brute_force(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
-                                max_len: int, desc: str):
+                                max_len: int, desc: str, *, constrained: bool = False):
     """(examples × labels) summed log-probs of each label's answer tokens, and their counts, one full
-    forward of prompt + answer per pair with vocabulary logits at every position."""
+    forward of prompt + answer per pair (vocabulary logits at every answer position).
+
+    ``constrained``: each token's log-prob normalised over the tokens that follow its prefix in some
+    label's answer (the labels' trie, per example) instead of the vocabulary.
+    """
     import torch
 
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(labels))]
@@ -261,11 +328,17 @@ def answer_logprobs_brute_force(model, tokenizer, examples: list[Example], label
     reserve = [max(len(ids) for ids in tokenizer([scored_answer(tokenizer, e, label) for label in labels],
                                                  add_special_tokens=False)["input_ids"]) for e in examples]
     features = [encode_causal(tokenizer, examples[i], max_len, answer=labels[j], reserve=reserve[i]) for i, j in pairs]
+    answers = [[t for t in f["labels"] if t != IGNORE_INDEX] for f in features]
+    tries = [_answer_trie(answers[i * len(labels):(i + 1) * len(labels)]) for i in range(len(examples))]
     total = torch.zeros((len(examples), len(labels)))
     count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
     with torch.inference_mode():
         for chunk, feats in _batches(features, batch_size, lambda f: len(f["input_ids"]), desc):
-            nll, n = _sequence_nll(model, _pad(tokenizer, feats, _device(model)))
+            allowed = None
+            if constrained:  # the followers of each answer token's prefix, in the order _sequence_nll scores them
+                allowed = _allowed([tries[pairs[k][0]][tuple(answers[k][:n])] for k in chunk
+                                    for n in range(len(answers[k]))], _device(model))
+            nll, n = _sequence_nll(model, _pad(tokenizer, feats, _device(model)), allowed)
             for k, value, tokens in zip(chunk, nll.tolist(), n.tolist()):
                 i, j = pairs[k]
                 total[i, j], count[i, j] = -value, tokens
@@ -300,7 +373,7 @@ def _label_prompts(tokenizer, examples: list[Example], labels: list[str], max_le
 
 
 def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
-                    max_len: int, desc: str):
+                    max_len: int, desc: str, *, constrained: bool = False):
     """(examples × labels) summed log-probs of each label's answer tokens, and their counts.
 
     Same numbers as :func:`answer_logprobs_brute_force`, fast:
@@ -310,17 +383,22 @@ def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str]
     - each batch of prompts runs its own remaining tokens once (left-padded after the shared part,
       so every prompt ends in the last column), whose next-token logits score every label's first
       answer token;
-    - the labels' remaining tokens run side by side after the prompt's KV cache, in one sequence
-      per prompt whose attention mask lets each label see the prompt and its own earlier tokens
-      only (:func:`_continuation_logprobs`).
+    - the labels' remaining tokens run after the prompt's KV cache as a prefix trie, in one
+      sequence per prompt: a prefix that several labels share runs once, and the attention mask
+      lets each trie node see the prompt and its own ancestors only (:func:`_trie_logprobs`).
+      Constrained, only the nodes up to a label's last branching point run: after it, the label's
+      remaining tokens are forced and cost nothing (at 77 BANKING77 intents, 47 tokens per example
+      instead of 481).
     Vocabulary logits are computed only at the positions scored (``logits_to_keep``). A model whose
     attention takes no custom mask (flash attention) is scored by the brute force instead.
     """
     import torch
 
     if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return answer_logprobs_brute_force(model, tokenizer, examples, labels, batch_size, max_len, desc)
+        return answer_logprobs_brute_force(model, tokenizer, examples, labels, batch_size, max_len, desc,
+                                           constrained=constrained)
     prompts, answers = _label_prompts(tokenizer, examples, labels, max_len)
+    tries = [_answer_trie(row) for row in answers]
     total = torch.zeros((len(examples), len(labels)))
     count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
     device, (cache_name, keeps_logits) = _device(model), _forward_arguments(model)
@@ -342,32 +420,49 @@ def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str]
             out = model(input_ids=padded["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
                         **cache, **keep)
             cache = getattr(out, cache_name)
-            first = out.logits[:, -1].float().log_softmax(-1).cpu()
             rows = [(b, p.example, j) for b, p in enumerate(batch) for j in p.labels if answers[p.example][j]]
             b, i, j = (torch.tensor(column) for column in zip(*rows))
-            total[i, j] = first[b, torch.tensor([answers[r][c][0] for _, r, c in rows])]
+            # The prompts' last states score every label's first token (constrained: over the labels' first tokens).
+            total[i, j] = _node_logprobs(
+                torch.nn.Identity(), out.logits[:, -1], b.to(device),
+                torch.tensor([answers[r][c][0] for _, r, c in rows], device=device),
+                _allowed([tries[p.example][()] for p in batch], device) if constrained else None).cpu()
             count[i, j] = torch.tensor([len(answers[r][c]) for _, r, c in rows])
-            # The labels with more than one token, in groups of about ANSWER_TOKENS_PER_FORWARD tokens.
-            longer = [j for j in range(len(labels)) if any(len(answers[p.example][j]) > 1 for p in batch)]
-            for group in _groups(longer, lambda j: max(len(answers[p.example][j]) - 1 for p in batch)):
-                sums = _continuation_logprobs(model, cache, mask, positions[:, -1],
-                                              [[answers[p.example][j] for j in group] for p in batch],
-                                              tokenizer.pad_token_id, cache_name, keeps_logits)
+            # The labels' later tokens, as tries of about ANSWER_TOKENS_PER_FORWARD nodes per prompt.
+            depths = [{j: _scored_depths(answers[p.example][j], tries[p.example], constrained) for j in p.labels}
+                      for p in batch]
+            longer = [j for j in range(len(labels)) if any(d[j] for d in depths)]
+            # Sorted by their tokens, labels that share a prefix land in the same trie.
+            longer.sort(key=lambda j: answers[batch[0].example][j])
+            paths = [[answers[p.example][j][:max(d[j], default=0)] for j in range(len(labels))]
+                     for p, d in zip(batch, depths)]
+            for group in _trie_groups(longer, paths):
+                sums = _trie_logprobs(model, cache, mask, positions[:, -1],
+                                      [[(answers[p.example][j], d[j]) for j in group] for p, d in zip(batch, depths)],
+                                      [tries[p.example] if constrained else None for p in batch],
+                                      tokenizer.pad_token_id, cache_name, keeps_logits)
                 for b, p in enumerate(batch):
                     total[p.example, group] += sums[b]
     return total, count
 
 
-def _groups(items: list[int], size: Callable[[int], int]) -> list[list[int]]:
-    """``items`` in consecutive groups of at most ANSWER_TOKENS_PER_FORWARD in ``size`` (at least one item each)."""
+def _trie_groups(items: list[int], paths: list[list[list[int]]]) -> list[list[int]]:
+    """``items`` (labels) in consecutive groups whose tries hold at most ANSWER_TOKENS_PER_FORWARD
+    nodes in every row (at least one item each).
+
+    ``paths[b][item]``: the tokens row ``b`` runs for ``item``; a prefix several items share is one
+    node of their group's trie.
+    """
     groups: list[list[int]] = []
-    used = ANSWER_TOKENS_PER_FORWARD
+    nodes: list[set[tuple[int, ...]]] = []
     for item in items:
-        if used + size(item) > ANSWER_TOKENS_PER_FORWARD:
+        added = [{tuple(row[item][:n]) for n in range(1, len(row[item]) + 1)} for row in paths]
+        if not groups or any(len(have | new) > ANSWER_TOKENS_PER_FORWARD for have, new in zip(nodes, added)):
             groups.append([])
-            used = 0
+            nodes = [set() for _ in paths]
         groups[-1].append(item)
-        used += size(item)
+        for have, new in zip(nodes, added):
+            have |= new
     return groups
 
 
@@ -400,51 +495,68 @@ def _cache_rows(cache, rows=None):  # noqa: ANN001, ANN202
     return rows_cache
 
 
-def _continuation_logprobs(model, cache, prompt_mask, last_positions, answers: list[list[list[int]]],  # noqa: ANN001, ANN202
-                           pad_id: int, cache_name: str, keeps_logits: bool):
-    """(prompts × answers) summed log-probs of each answer's tokens after the first.
+def _trie_logprobs(model, cache, prompt_mask, last_positions, answers, tries, pad_id: int,  # noqa: ANN001, ANN202
+                   cache_name: str, keeps_logits: bool):
+    """(prompts × answers) summed log-probs of each answer's tokens at its scored depths.
 
-    ``answers[b]`` are prompt ``b``'s answers; their tokens but the last run side by side in one
-    row after a copy of the prompt's cache, at the positions that follow the prompt. The attention
-    mask (4-D, additive) lets a token see the prompt's real tokens and the earlier tokens of its
-    own answer, nothing else: each answer is scored as if it ran alone after the prompt.
+    ``answers[b]``: prompt ``b``'s answers, each with the depths n whose token ``answer[n]`` is
+    scored after ``answer[:n]``. The prefixes up to the deepest run as one trie per row after a
+    copy of the prompt's cache: one column per distinct prefix (its last token), at the position
+    that follows the prompt by its length. The attention mask (4-D) lets a column see the prompt's
+    real tokens and its own prefix's columns, nothing else: each answer is scored as if it ran
+    alone after the prompt. ``tries[b]``: normalise over the prefix's followers there (constrained
+    scoring), or over the vocabulary when None.
     """
     import torch
 
     device = prompt_mask.device
-    width = max(sum(max(len(a) - 1, 0) for a in row) for row in answers)
-    inputs = torch.full((len(answers), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(answers), width), pad_id, dtype=torch.long)
-    block = torch.full((len(answers), width), -1, dtype=torch.long)  # which answer a column holds
-    offset = torch.zeros((len(answers), width), dtype=torch.long)  # the column's place in its answer
+    columns: list[dict[tuple[int, ...], int]] = []
+    entries = []  # (row, column, scored token, answer)
     for b, row in enumerate(answers):
-        column = 0
-        for n, answer in enumerate(row):
-            k = max(len(answer) - 1, 0)
-            inputs[b, column:column + k] = torch.tensor(answer[:-1][:k])
-            targets[b, column:column + k] = torch.tensor(answer[1:])
-            block[b, column:column + k], offset[b, column:column + k] = n, torch.arange(k)
-            column += k
-    inputs, targets, block, offset = (t.to(device) for t in (inputs, targets, block, offset))
-    real = block >= 0
-    columns = torch.arange(width, device=device)
-    sees_own = (block[:, :, None] == block[:, None, :]) & real[:, None, :] & (columns[None, :] <= columns[:, None])[None]
+        at: dict[tuple[int, ...], int] = {}
+        for n, (answer, depths) in enumerate(row):
+            for depth in range(1, max(depths, default=0) + 1):
+                at.setdefault(tuple(answer[:depth]), len(at))
+            entries += [(b, at[tuple(answer[:depth])], answer[depth], n) for depth in depths]
+        columns.append(at)
+    width = max(len(at) for at in columns)
+    inputs = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    depth = torch.zeros((len(answers), width), dtype=torch.long)
+    sees_own = torch.zeros((len(answers), width, width), dtype=torch.bool)
+    for b, at in enumerate(columns):
+        for prefix, column in at.items():
+            inputs[b, column], depth[b, column] = prefix[-1], len(prefix)
+            sees_own[b, column, [at[prefix[:n]] for n in range(1, len(prefix) + 1)]] = True
+    inputs, depth, sees_own = inputs.to(device), depth.to(device), sees_own.to(device)
     sees = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, width, -1), sees_own], dim=-1)[:, None]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(sees.shape, device=device).masked_fill(~sees, torch.finfo(torch.float32).min)
     else:  # SDPA takes a boolean mask (True: may attend) whatever the compute dtype
         mask = sees
-    arguments = {"input_ids": inputs, "attention_mask": mask, "position_ids": last_positions[:, None] + 1 + offset,
+    arguments = {"input_ids": inputs, "attention_mask": mask, "position_ids": last_positions[:, None] + depth,
                  "use_cache": True, cache_name: _cache_rows(cache)}
+    # One state per real column; an entry scores one token at one of them.
+    starts = torch.tensor([0] + [len(at) for at in columns]).cumsum(0).tolist()
+    rows = torch.tensor([b for b, at in enumerate(columns) for _ in at], device=device)
+    cols = torch.tensor([c for at in columns for c in sorted(at.values())], device=device)
+    node = torch.tensor([starts[b] + c for b, c, _, _ in entries], dtype=torch.long, device=device)
+    token = torch.tensor([t for _, _, t, _ in entries], dtype=torch.long, device=device)
+    allowed = None
+    if tries[0] is not None:
+        by_column = [sorted(at.items(), key=lambda item: item[1]) for at in columns]
+        allowed = _allowed([tries[b][prefix] for b, items in enumerate(by_column) for prefix, _ in items], device)
     decoder, head = _decoder_and_head(model)
     if decoder is None:
-        out = model(**arguments, **({"logits_to_keep": 0} if keeps_logits else {}))
-        logprob = out.logits[:, -width:].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    else:  # vocabulary logits for NLL_POSITIONS positions at a time, not the whole batch's at once
-        logprob = _token_logprobs(head, decoder(**arguments).last_hidden_state[:, -width:], targets)
-    sums = torch.zeros((len(answers), max(len(row) for row in answers) + 1), device=device)
-    sums.scatter_add_(1, torch.where(real, block, sums.size(1) - 1), logprob * real)  # padding: the last column
-    return sums[:, :-1].cpu()
+        logits = model(**arguments, **({"logits_to_keep": 0} if keeps_logits else {})).logits[:, -width:]
+        logprob = _node_logprobs(torch.nn.Identity(), logits[rows, cols], node, token, allowed)
+    else:  # vocabulary logits for NLL_POSITIONS states at a time, not the whole batch's at once
+        logprob = _node_logprobs(head, decoder(**arguments).last_hidden_state[:, -width:][rows, cols], node, token,
+                                 allowed)
+    sums = torch.zeros((len(answers), max(len(row) for row in answers)), device=device)
+    if entries:
+        sums.index_put_((torch.tensor([b for b, *_ in entries], device=device),
+                         torch.tensor([n for *_, n in entries], device=device)), logprob, accumulate=True)
+    return sums.cpu()
 
 
 def _forward_arguments(model) -> tuple[str, bool]:  # noqa: ANN001

@@ -114,18 +114,36 @@ def test_fast_path_equals_brute_force_with_each_attention_and_label_grouping(tok
                                                  attn_implementation=attention).eval()
     assert model.config._attn_implementation == attention
     for examples in (SHARED_PROMPT, EXAMPLES):
-        fast = label_scores(model, tokenizer, examples, SHARED_FIRST, 2, 256, "fast")
-        brute = label_scores_brute_force(model, tokenizer, examples, SHARED_FIRST, 2, 256, "brute")
-        assert_same_scores(fast, brute)
+        for score in ("sum", "constrained"):
+            fast = label_scores(model, tokenizer, examples, SHARED_FIRST, 2, 256, "fast", score=score)
+            brute = label_scores_brute_force(model, tokenizer, examples, SHARED_FIRST, 2, 256, "brute", score=score)
+            assert_same_scores(fast, brute)
 
 
-def test_groups_hold_at_most_the_token_budget_and_every_label_once(monkeypatch):
+def test_trie_groups_hold_at_most_the_node_budget_and_every_label_once(monkeypatch):
     from ftkit import evaluator
 
     monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 5)
-    sizes = {0: 2, 1: 3, 2: 1, 3: 7, 4: 5, 5: 1}
-    assert evaluator._groups(list(sizes), sizes.get) == [[0, 1], [2], [3], [4], [5]]
-    assert evaluator._groups([], sizes.get) == []
+    # Labels 0-2 share their first two tokens: three labels, five trie nodes, one group.
+    paths = [[[1, 2, 3], [1, 2, 4], [1, 2, 5], [6, 7, 8, 9, 10, 11], [6, 7], [12]]]
+    assert evaluator._trie_groups([0, 1, 2, 3, 4, 5], paths) == [[0, 1, 2], [3], [4, 5]]
+    # The budget holds in every row: the second row's labels share nothing.
+    paths.append([[1, 2, 3], [4, 5, 6], [7], [8], [9], [10]])
+    assert evaluator._trie_groups([0, 1, 2], paths) == [[0], [1, 2]]
+    assert evaluator._trie_groups([], paths) == []
+
+
+def test_answer_trie_and_the_depths_each_score_runs():
+    from ftkit.evaluator import _answer_trie, _scored_depths
+
+    answers = [[1, 2, 3, 9], [1, 2, 4, 9], [1, 5, 9], [6, 9]]
+    trie = _answer_trie(answers)
+    assert trie[()] == [1, 6] and trie[(1,)] == [2, 5] and trie[(1, 2)] == [3, 4] and trie[(1, 2, 3)] == [9]
+    # The log-likelihood scores every token after the first; constrained, only the branching points.
+    assert _scored_depths(answers[0], trie, constrained=False) == [1, 2, 3]
+    assert _scored_depths(answers[0], trie, constrained=True) == [1, 2]
+    assert _scored_depths(answers[2], trie, constrained=True) == [1]
+    assert _scored_depths(answers[3], trie, constrained=True) == []
 
 
 def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
@@ -138,13 +156,67 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
     assert _shared_prefix([[1, 2, 3]]) == []
 
 
-@pytest.mark.parametrize("score", ["sum", "mean"])
+@pytest.mark.parametrize("score", ["sum", "mean", "constrained"])
 @pytest.mark.parametrize("calibrate", [False, True], ids=["raw", "calibrated"])
 def test_fast_path_equals_brute_force_with_every_score_option(model, tokenizer, score, calibrate):
     options = {"score": score, "calibrate": calibrate}
     fast = label_scores(model, tokenizer, EXAMPLES, SHARED_FIRST, 3, 256, "fast", **options)
     brute = label_scores_brute_force(model, tokenizer, EXAMPLES, SHARED_FIRST, 3, 256, "brute", **options)
     assert_same_scores(fast, brute)
+
+
+def test_a_prefix_labels_share_runs_once(model, tokenizer):
+    from ftkit.evaluator import _label_prompts
+
+    _, answers = _label_prompts(tokenizer, EXAMPLES[:1], SHARED_FIRST, 256)
+    # Every token but the last of each answer runs after the prompt, once per distinct prefix.
+    prefixes = {tuple(a[:n]) for a in answers[0] for n in range(1, len(a))}
+    assert len(prefixes) < sum(len(a) - 1 for a in answers[0])  # "happy" (and "sad") are shared
+    widths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        fast = label_scores(model, tokenizer, EXAMPLES[:1], SHARED_FIRST, 1, 256, "x")
+    finally:
+        hook.remove()
+    assert widths[1:] == [len(prefixes)]  # the prompt, then one forward of the labels' trie
+    assert_same_scores(fast, label_scores_brute_force(model, tokenizer, EXAMPLES[:1], SHARED_FIRST, 1, 256, "x"))
+
+
+def test_constrained_scores_are_a_distribution_over_the_labels(model, tokenizer):
+    # Each label ends with its end-of-turn marker, so no label's answer is a prefix of another's:
+    # the constrained probabilities of all labels sum to one, for every example.
+    for labels in (SHARED_FIRST, DISTINCT_FIRST):
+        scores = label_scores(model, tokenizer, EXAMPLES, labels, 2, 256, "x", score="constrained")
+        torch.testing.assert_close(scores.exp().sum(-1), torch.ones(len(EXAMPLES)))
+        # Unlike the log-likelihood, whose probabilities leave mass to every other text.
+        assert (label_scores(model, tokenizer, EXAMPLES, labels, 2, 256, "x").exp().sum(-1) < 0.99).all()
+
+
+def test_constrained_scoring_of_labels_with_distinct_first_tokens_runs_only_the_prompts(model, tokenizer):
+    from ftkit.prepare import render_prompt
+
+    forwards = []
+    # The decoder runs in every forward: the model's own, and the labels' (decoder, then the LM head).
+    hook = model.get_decoder().register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1),
+                                                         with_kwargs=True)
+    try:
+        scores = label_scores(model, tokenizer, SHARED_PROMPT, DISTINCT_FIRST, 2, 256, "x", score="constrained")
+        # The shared start once, then one forward per batch of prompts (2, 2 and 1): no label forward.
+        assert len(forwards) == 1 + 3
+        forwards.clear()
+        label_scores(model, tokenizer, SHARED_PROMPT, DISTINCT_FIRST, 2, 256, "x", score="sum")
+        assert len(forwards) == 1 + 3 + 3  # the log-likelihood runs the labels' later tokens too
+    finally:
+        hook.remove()
+    # Each label's score: its first token's log-prob among the labels' first tokens, after the prompt alone.
+    firsts = first_tokens(tokenizer, DISTINCT_FIRST)
+    with torch.inference_mode():
+        expected = torch.stack([
+            model(input_ids=torch.tensor([tokenizer(render_prompt(tokenizer, e), add_special_tokens=False)["input_ids"]
+                                          ])).logits[0, -1, firsts].log_softmax(-1)
+            for e in SHARED_PROMPT])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_fast_path_equals_brute_force_through_a_lora_adapter(model):
@@ -170,7 +242,7 @@ def test_mean_divides_by_the_number_of_answer_tokens():
     assert reduce_answer_logprobs(total, count, "sum") is total
     # An empty answer (0 tokens) scores 0, as its sum does, instead of dividing by zero.
     assert reduce_answer_logprobs(total, count, "mean").tolist() == [[-2.0, -3.0], [-1.0, 0.0]]
-    with pytest.raises(ValueError, match="`score` must be sum or mean"):
+    with pytest.raises(ValueError, match="`score` must be one of sum, mean, constrained"):
         reduce_answer_logprobs(total, count, "median")
 
 
@@ -203,7 +275,7 @@ def test_calibration_scores_the_labels_after_a_content_free_input(model):
 def test_recipe_keys_default_to_todays_scores_and_reject_unknown_values():
     recipe = recipe_from_dict(RECIPE)
     assert (recipe.eval.label_score, recipe.eval.calibrate) == ("sum", False)
-    with pytest.raises(ConfigError, match="eval.label_score: 'median' is not one of sum, mean"):
+    with pytest.raises(ConfigError, match="eval.label_score: 'median' is not one of sum, mean, constrained"):
         recipe_from_dict({**RECIPE, "eval": {"label_score": "median"}})
 
 
