@@ -1,22 +1,31 @@
 """Label scoring: the KV-cache fast path vs the brute force, at 5 and 77 labels.
 
     $ python bench/label_scoring.py [--examples 200] [--examples-77 50] [--repeats 3] [--model PATH]
+                                    [--prompts task,listed] [--scores sum,constrained]
 
 Both score the same examples with the same model (the built-in tiny Qwen2 unless ``--model``
 names a local Hugging Face folder of a causal LM), batch size 16, ``max_seq_len`` 512:
 
 - brute force: ``ftkit.evaluator.label_scores_brute_force``, one full prompt + answer forward per
-  (example, label), vocabulary logits at every position (how ftkit scored labels before);
+  (example, label), vocabulary logits at the answer's positions (how ftkit scored labels before,
+  less the logits at the prompt's positions, which it stopped computing first);
 - fast: ``ftkit.evaluator.label_scores``: the tokens every prompt starts with run once, each
-  prompt's own tokens once, and its labels side by side after its KV cache (a 4-D mask keeps them
-  apart), vocabulary logits only where scored.
+  prompt's own tokens once, and its labels' tokens after its KV cache as a prefix trie (a prefix
+  several labels share runs once; a 4-D mask keeps the branches apart), vocabulary logits only
+  where scored.
+
+Score rules (``eval.label_score``): ``sum``, the log-likelihood (the default); ``constrained``, each
+token renormalised over the tokens that continue some label, so only the trie's branching points
+are scored and the tokens after a label's last one run nowhere. Each rule's fast path is compared
+with the same rule's brute force.
 
 Labels: the bank-intent task's 5, and BANKING77's 77 intent names; examples: the bank-intent test
 fixture's customer messages (cycled), prompted two ways: as the bank-intent task prompts them
 (``task``: a one-line instruction, ~45 tokens in all), and as a zero-shot prompt must for the model
 to know the label set (``listed``: the instruction lists the labels, as the emotion task's does; cut
 to fit ``max_seq_len`` at 77 labels). The fast path saves the prompt's repeats, so its gain grows
-with prompt length over answer length: the labels' own tokens must run once per label either way.
+with prompt length over answer length: under ``sum`` the labels' own tokens must run once per
+example either way.
 
 Each round times both methods, interleaved; the table shows the fastest of ``--repeats`` rounds,
 wall time and the process's CPU time (steadier when other processes compete for the CPUs). The 2
@@ -46,6 +55,7 @@ MESSAGES = ROOT / "tests" / "fixtures" / "bank_intent.jsonl"
 BATCH_SIZE, MAX_SEQ_LEN = 16, 512
 GOALS = {5: 5.0, 77: 20.0}
 PROMPTS = ("task", "listed")
+SCORES = ("sum", "constrained")
 BANK_INTENT_LABELS = ["fraud_risk", "refund", "balance", "card_lost", "other"]
 BANKING77_LABELS = [
     "activate_my_card", "age_limit", "apple_pay_or_google_pay", "atm_support", "automatic_top_up",
@@ -113,6 +123,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported")
     parser.add_argument("--model", help="a local Hugging Face folder of a causal LM; default: the built-in tiny model")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"which prompts, of {', '.join(PROMPTS)}")
+    parser.add_argument("--scores", default=",".join(SCORES),
+                        help=f"which eval.label_score rules, of {', '.join(SCORES)}")
     args = parser.parse_args()
     import torch
 
@@ -126,30 +138,31 @@ def main() -> None:
     other_load = OtherLoad()
     rows = []
     for labels, n in ((BANK_INTENT_LABELS, args.examples), (BANKING77_LABELS, args.examples_77)):
-        for prompt in [p for p in PROMPTS if p in args.prompts.split(",")]:
+        for prompt, rule in [(p, r) for p in PROMPTS if p in args.prompts.split(",")
+                             for r in SCORES if r in args.scores.split(",")]:
             examples = load_examples(n, labels, prompt)
             best: dict[str, tuple[float, float]] = {}
             for _ in range(args.repeats):
                 for name, score in (("brute", label_scores_brute_force), ("fast", label_scores)):
                     wall, cpu, scores = timed(partial(score, model, tokenizer, examples, labels, BATCH_SIZE,
-                                                      MAX_SEQ_LEN, name))
+                                                      MAX_SEQ_LEN, name, score=rule))
                     best[name] = tuple(min(pair) for pair in zip(best.get(name, (wall, cpu)), (wall, cpu)))
                     if name == "brute":
                         reference = scores
                     else:
                         same = scores.argmax(-1).tolist() == reference.argmax(-1).tolist()
                         gap = (scores - reference).abs().max().item()
-                print(f"  {len(labels)} labels, {prompt} prompt: brute {best['brute'][0]:.2f} s, "
+                print(f"  {len(labels)} labels, {prompt} prompt, {rule}: brute {best['brute'][0]:.2f} s, "
                       f"fast {best['fast'][0]:.2f} s", flush=True)
-            rows.append((len(labels), prompt, n, *best["brute"], *best["fast"], same, gap))
+            rows.append((len(labels), prompt, rule, n, *best["brute"], *best["fast"], same, gap))
     print(other_load.note())
     print()
-    print(f"{'labels':>6} {'prompt':>7} {'examples':>8} {'brute s':>8} {'fast s':>7} {'speedup':>8} "
+    print(f"{'labels':>6} {'prompt':>7} {'score':>11} {'examples':>8} {'brute s':>8} {'fast s':>7} {'speedup':>8} "
           f"{'CPU-time speedup':>16} {'goal':>5} {'same predictions':>16} {'max |diff|':>10}")
-    for labels, prompt, n, brute, brute_cpu, fast, fast_cpu, same, gap in rows:
-        print(f"{labels:>6} {prompt:>7} {n:>8} {brute:>8.2f} {fast:>7.2f} {brute / fast:>7.1f}x "
+    for labels, prompt, rule, n, brute, brute_cpu, fast, fast_cpu, same, gap in rows:
+        print(f"{labels:>6} {prompt:>7} {rule:>11} {n:>8} {brute:>8.2f} {fast:>7.2f} {brute / fast:>7.1f}x "
               f"{brute_cpu / fast_cpu:>15.1f}x {GOALS[labels]:>4.0f}x {'yes' if same else 'NO':>16} {gap:>10.1e}")
-    if not all(row[7] for row in rows):
+    if not all(row[8] for row in rows):
         sys.exit("the fast path picked different labels than the brute force")
 
 if __name__ == "__main__":

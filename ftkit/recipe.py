@@ -125,8 +125,13 @@ class EvalSection:
     top_k: int = _f(50, "generation: sample among the top k tokens", low=0)
     repetition_penalty: float = _f(1.0, "generation: > 1 discourages repeats", low=0.0, low_open=True)
     label_score: str = _f("sum", "causal head, classification: a label's score is the sum of its answer tokens' "
-                          "log-probs, or their mean (length-normalised: long labels are not penalised)",
-                          choices=("sum", "mean"))
+                          "log-probs; their mean (length-normalised: long labels are not penalised); or "
+                          "constrained: its probability when the model may only spell a label (each token "
+                          "renormalised over the tokens that continue some label). constrained is the fastest "
+                          "with many labels (tokens the label set forces cost nothing) and suits labels that "
+                          "differ at their first token (A/B/C), but it ignores the probability the model puts "
+                          "outside the labels, and scored word labels less accurately than sum (BENCHMARKS.md)",
+                          choices=("sum", "mean", "constrained"))
     calibrate: bool = _f(False, "causal head, classification: subtract each label's log-prob after the content-free "
                          "input `N/A` (contextual calibration, Zhao et al. 2021), removing the model's bias for labels")
     showcase: list = _f([], "hand-written inputs report.md ends with, and what the zero-shot base model and the "
