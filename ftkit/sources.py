@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftkit.errors import DataError
-from ftkit.readers import BATCH, Source, is_text, read_source, source_records
+from ftkit.readers import BATCH, Source, is_text, read_source, source_records, system_allocator
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -114,9 +114,10 @@ class TaskData:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @system_allocator()
     def take(self, indices: Any) -> TaskData:
-        return TaskData(self.source, self.table.take(indices), self.records, self.dropped, self.errors, self.where,
-                        self.key_column)
+        return TaskData(self.source, _take_rows(self.table, indices), self.records, self.dropped, self.errors,
+                        self.where, self.key_column)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Canonical rows as dicts, without the bookkeeping columns, batch by batch."""
@@ -128,6 +129,30 @@ class TaskData:
         return [task.format(row) for row in self.rows()]
 
 
+def _take_rows(table: pa.Table, indices: Any) -> pa.Table:
+    """The rows at ``indices``, one record batch at a time when they are sorted (as splits are).
+
+    ``Table.take`` concatenates each column's chunks first: a copy of the whole table before the
+    copy of the rows, which more than doubled what building a split's tables cost
+    (bench/data_loading.py, 200,000 rows: 43 MB of growth, 18 MB batch by batch).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    rows = np.asarray(indices, dtype=np.int64)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= table.num_rows or (np.diff(rows) < 0).any()):
+        return table.take(pa.array(rows))  # unsorted, or out of range: Arrow's own take (and its IndexError)
+    batches, start = [], 0
+    for batch in table.to_batches():
+        end = start + batch.num_rows
+        low, high = np.searchsorted(rows, [start, end])
+        if high > low:
+            batches.append(batch.take(pa.array(rows[low:high] - start)))
+        start = end
+    return pa.Table.from_batches(batches, schema=table.schema)
+
+
+@system_allocator()
 def load_task_data(task: Task, path: str | Path | None, mapping: DataMapping, *, collect: bool = False,
                    role: str = "train") -> TaskData:
     """Read ``path`` (None: the task's hub dataset) into the task's canonical rows.

@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ftkit.errors import DataError
+from ftkit.readers import system_allocator
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ftkit.sources import TaskData
 
 
+@system_allocator()
 def split_indices(data: TaskData, test_size: float, seed: int, *, stratify: bool,
                   what: str = "task.test_size") -> tuple[np.ndarray, np.ndarray]:
     """Row indices of train and test (each sorted).

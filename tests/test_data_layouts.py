@@ -234,3 +234,52 @@ def test_validate_with_a_test_file_counts_exact_and_near_duplicates(tmp_path):
     assert json.loads(result.stdout)["test"] == {
         "path": str(test), "examples": 4, "exact_overlap": 1, "near_overlap": 1,
         "overlap_examples": [rows[0]["utterance"], rows[1]["utterance"]], "unseen_labels": []}
+
+
+def test_data_work_allocates_through_malloc_and_gives_arrow_its_pool_back(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from ftkit.errors import DataError
+    from ftkit.plugins import get_task
+    from ftkit.sources import DataMapping, load_task_data
+
+    default = pa.default_memory_pool().backend_name
+    if default == "system":
+        pytest.skip("ARROW_DEFAULT_MEMORY_POOL chose the system allocator already")
+    task, mapping = get_task("bank-intent"), DataMapping(columns={"text": "utterance", "label": "topic"})
+    data = load_task_data(task, LAYOUTS / "bank.csv", mapping)
+    assert pa.default_memory_pool().backend_name == default
+    # A split's table is a copy of the kept rows: malloc holds it, for as long as it lives.
+    system = pa.system_memory_pool()
+    held = system.bytes_allocated()
+    train = data.take(np.arange(len(data)))
+    assert system.bytes_allocated() > held
+    assert pa.default_memory_pool().backend_name == default
+    del train
+    # The pool comes back when loading fails too.
+    empty = tmp_path / "empty.csv"
+    empty.write_text("utterance,topic\n", encoding="utf-8")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_task_data(task, empty, mapping)
+    assert pa.default_memory_pool().backend_name == default
+
+
+def test_taking_rows_batch_by_batch_gives_arrows_rows_in_order():
+    import numpy as np
+    import pyarrow as pa
+
+    from ftkit.sources import _take_rows
+
+    # Three record batches, and a dictionary column as labels are kept.
+    batches = [pa.record_batch({"text": pa.array([f"row {i}" for i in range(start, start + n)], pa.large_string()),
+                                "label": pa.array(["a", "b"] * (n // 2)).dictionary_encode()})
+               for start, n in ((0, 4), (4, 6), (10, 2))]
+    table = pa.Table.from_batches(batches)
+    for rows in ([0, 3, 4, 9, 10, 11], [5], list(range(12)), [], [11, 2, 7]):  # the last one unsorted
+        taken = _take_rows(table, np.array(rows, dtype=np.int64))
+        assert taken.to_pylist() == table.take(pa.array(rows, pa.int64())).to_pylist()
+        assert taken.column("text").to_pylist() == [f"row {i}" for i in rows]
+    assert _take_rows(table, range(0, 12, 5)).column("text").to_pylist() == ["row 0", "row 5", "row 10"]
+    with pytest.raises(IndexError):
+        _take_rows(table, np.array([3, 12]))
