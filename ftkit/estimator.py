@@ -58,7 +58,7 @@ DEVICES = ("cuda", "cpu")
 #: the gold answers' perplexity; perplexity alone; or nothing. auto: classifier for a classifier
 #: head, else generation.
 EVAL_KINDS = ("auto", "classifier", "labels", "generation", "perplexity", "none")
-#: Answer tokens label scoring runs side by side in one row (ftkit.evaluator.ANSWER_TOKENS_PER_FORWARD).
+#: Label tokens (trie nodes) label scoring runs in one row after a prompt (ftkit.evaluator.ANSWER_TOKENS_PER_FORWARD).
 LABEL_TOKENS_PER_ROW = 64
 #: Positions whose vocabulary logits one chunk of the perplexity computes (ftkit.evaluator.NLL_POSITIONS).
 NLL_POSITIONS = 256

@@ -127,15 +127,6 @@ def _sequence_nll(model, batch: dict, allowed=None):  # noqa: ANN001, ANN202
     return total, scored.sum(-1)
 
 
-def _token_logprobs(head, states, tokens):  # noqa: ANN001, ANN202
-    """fp32 log-probabilities of ``tokens`` (any shape) under the LM ``head`` at ``states`` (the same
-    shape plus the hidden size), ``NLL_POSITIONS`` positions' vocabulary logits at a time."""
-    import torch
-
-    flat, wanted = states.reshape(-1, states.size(-1)), tokens.reshape(-1)
-    return _node_logprobs(head, flat, torch.arange(len(wanted), device=wanted.device), wanted).view(tokens.shape)
-
-
 def _node_logprobs(head, states, nodes, tokens, allowed=None):  # noqa: ANN001, ANN202
     """fp32 log-probabilities of ``tokens[e]`` under the LM ``head`` at ``states[nodes[e]]``.
 
@@ -213,8 +204,8 @@ def predict_classifier(model, tokenizer, examples: list[Example], labels: list[s
 
 #: Zhao et al. 2021's content-free input: the labels' scores after it are the model's prior for them.
 CONTENT_FREE_INPUT = "N/A"
-#: Answer tokens per prompt in one continuation forward. Each prompt's labels run side by side
-#: after one copy of its KV cache, and each of their tokens needs vocabulary logits: at 64 tokens
+#: Answer tokens (label trie nodes) per prompt in one continuation forward. Each prompt's labels'
+#: trie runs after one copy of its KV cache, and each node needs vocabulary logits: at 64 nodes
 #: a batch of 16 holds 1,024 positions' logits, a quarter of what one brute-force batch at
 #: ``max_seq_len`` 256 holds, while keeping the forwards large enough to be efficient on a CPU.
 ANSWER_TOKENS_PER_FORWARD = 64
