@@ -23,6 +23,7 @@ from typing import Any
 from ftkit import distributed
 from ftkit.metrics import task_metrics
 from ftkit.prepare import IGNORE_INDEX, encode_causal, render_prompt, scored_answer
+from ftkit.recipe import LABEL_SCORES
 from ftkit.tasks import Example, Task
 
 
@@ -209,10 +210,6 @@ CONTENT_FREE_INPUT = "N/A"
 #: a batch of 16 holds 1,024 positions' logits, a quarter of what one brute-force batch at
 #: ``max_seq_len`` 256 holds, while keeping the forwards large enough to be efficient on a CPU.
 ANSWER_TOKENS_PER_FORWARD = 64
-
-
-#: How a causal LM scores a label as the answer (``eval.label_score``).
-LABEL_SCORES = ("sum", "mean", "constrained")
 
 
 def label_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001, ANN201
@@ -529,13 +526,12 @@ def _trie_logprobs(model, cache, prompt_mask, last_positions, answers, tries, pa
     # One state per real column; an entry scores one token at one of them.
     starts = torch.tensor([0] + [len(at) for at in columns]).cumsum(0).tolist()
     rows = torch.tensor([b for b, at in enumerate(columns) for _ in at], device=device)
-    cols = torch.tensor([c for at in columns for c in sorted(at.values())], device=device)
+    cols = torch.tensor([c for at in columns for c in range(len(at))], device=device)  # columns in insertion order
     node = torch.tensor([starts[b] + c for b, c, _, _ in entries], dtype=torch.long, device=device)
     token = torch.tensor([t for _, _, t, _ in entries], dtype=torch.long, device=device)
     allowed = None
     if tries[0] is not None:
-        by_column = [sorted(at.items(), key=lambda item: item[1]) for at in columns]
-        allowed = _allowed([tries[b][prefix] for b, items in enumerate(by_column) for prefix, _ in items], device)
+        allowed = _allowed([tries[b][prefix] for b, at in enumerate(columns) for prefix in at], device)
     decoder, head = _decoder_and_head(model)
     if decoder is None:
         logits = model(**arguments, **({"logits_to_keep": 0} if keeps_logits else {})).logits[:, -width:]

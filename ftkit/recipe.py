@@ -16,6 +16,9 @@ from typing import Any
 
 from ftkit.errors import ConfigError, UsageError
 
+#: How a causal LM scores a label as the answer (``eval.label_score``; ftkit.evaluator.label_scores).
+LABEL_SCORES = ("sum", "mean", "constrained")
+
 
 def _f(default: Any = MISSING, help: str = "", *, choices: tuple = (), low: float | None = None,
        high: float | None = None, low_open: bool = False, path: bool = False, kind: type | None = None) -> Any:
@@ -131,7 +134,7 @@ class EvalSection:
                           "with many labels (tokens the label set forces cost nothing) and suits labels that "
                           "differ at their first token (A/B/C), but it ignores the probability the model puts "
                           "outside the labels, and scored word labels less accurately than sum (BENCHMARKS.md)",
-                          choices=("sum", "mean", "constrained"))
+                          choices=LABEL_SCORES)
     calibrate: bool = _f(False, "causal head, classification: subtract each label's log-prob after the content-free "
                          "input `N/A` (contextual calibration, Zhao et al. 2021), removing the model's bias for labels")
     showcase: list = _f([], "hand-written inputs report.md ends with, and what the zero-shot base model and the "
