@@ -60,6 +60,10 @@ DEVICES = ("cuda", "cpu")
 EVAL_KINDS = ("auto", "classifier", "labels", "generation", "perplexity", "none")
 #: Label tokens (trie nodes) label scoring runs in one row after a prompt (ftkit.evaluator.ANSWER_TOKENS_PER_FORWARD).
 LABEL_TOKENS_PER_ROW = 64
+#: The label search's bounds (ftkit.evaluator.SEARCH_COLUMNS, SEARCH_PREFIXES_PER_ROUND): columns a
+#: prompt's KV cache holds after the prompt, and columns run in one round.
+LABEL_SEARCH_COLUMNS = 256
+LABEL_SEARCH_QUERIES = 32
 #: Positions whose vocabulary logits one chunk of the perplexity computes (ftkit.evaluator.NLL_POSITIONS).
 NLL_POSITIONS = 256
 #: peft's default LoRA targets for Llama-style decoders (qwen2, llama, mistral).

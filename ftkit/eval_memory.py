@@ -8,7 +8,14 @@ transient tensors, vocabulary logits where it makes them), for :func:`ftkit.esti
 from __future__ import annotations
 
 from ftkit.activations import stream_bytes
-from ftkit.estimator import LABEL_TOKENS_PER_ROW, NLL_POSITIONS, Settings, Term
+from ftkit.estimator import (
+    LABEL_SEARCH_COLUMNS,
+    LABEL_SEARCH_QUERIES,
+    LABEL_TOKENS_PER_ROW,
+    NLL_POSITIONS,
+    Settings,
+    Term,
+)
 from ftkit.model_configs import ModelShape
 
 
@@ -93,14 +100,16 @@ def eval_terms(shape: ModelShape, s: Settings) -> list[Term]:
                       Term("last position's logits (+ fp32 copies for sampling)", b * v * (e + 12),
                            f"{b}·{v} × ({e} + 12) B")]
         return widest(generation, nll)  # generation first, then the gold answers' perplexity
-    # Label scoring: the batch's prompt cache, a copy of it extended by the labels' tokens, and the
-    # widest of the prompt forward, the labels' forward, and their logits (NLL_POSITIONS at a time
-    # after the labels' hidden states).
-    k = LABEL_TOKENS_PER_ROW
+    # Label scoring: the batch's prompt cache, a copy of it extended by the labels' tokens (a trie of
+    # LABEL_TOKENS_PER_ROW, or the search's columns, up to LABEL_SEARCH_COLUMNS: the larger), and the
+    # widest of the prompt forward, the labels' forward (a trie, or a search round over the longer
+    # cache), and their logits (NLL_POSITIONS at a time after the labels' hidden states).
+    k, c, q = LABEL_TOKENS_PER_ROW, max(LABEL_TOKENS_PER_ROW, LABEL_SEARCH_COLUMNS), LABEL_SEARCH_QUERIES
     caches = [_kv_cache(shape, b, n, e, f"prompt KV cache ({b} × {n})"),
-              _kv_cache(shape, b, n + k, e, f"its copy with the labels' tokens ({b} × {n} + {k})")]
+              _kv_cache(shape, b, n + c, e, f"its copy with the labels' tokens ({b} × {n} + {c})")]
     positions = min(NLL_POSITIONS, b * k)
     logits = [Term(f"labels' hidden states ({b} × {k} tokens)", b * k * h * e, f"{b}·{k}·{h} × {e} B"),
               Term(f"their vocabulary logits, {positions} positions at a time", positions * v * (e + upcast + 4),
                    f"{positions}·{v} × ({e} + {upcast} + 4) B (logits, fp32, log-sum-exp)")]
-    return caches + widest([forward], [_inference_layer_peak(shape, s, b, k, n + k, e)], logits)
+    return caches + widest([forward], [_inference_layer_peak(shape, s, b, k, n + k, e)],
+                           [_inference_layer_peak(shape, s, b, q, n + c, e)], logits)

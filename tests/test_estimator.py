@@ -353,8 +353,8 @@ def _eval_model(attn: str, classifier: bool = False):
 
 
 @pytest.mark.parametrize(("kind", "attn"), [("generation", "sdpa"), ("generation", "eager"), ("labels", "sdpa"),
-                                            ("classifier", "eager")])
-def test_an_evaluation_stays_within_its_estimated_phase(kind, attn):
+                                            ("label search", "sdpa"), ("classifier", "eager")])
+def test_an_evaluation_stays_within_its_estimated_phase(kind, attn, monkeypatch):
     # Live tensor bytes on the CPU (what max_memory_allocated counts on a GPU) while ftkit's
     # evaluator runs, against the eval phase's working memory: never more, and not far less.
     import random
@@ -377,12 +377,18 @@ def test_an_evaluation_stays_within_its_estimated_phase(kind, attn):
         "labels": lambda: evaluator.label_scores(model, tokenizer, examples, ["cat", "rain fell", "quiet hills"],
                                                  batch, seq, "l"),
         "classifier": lambda: evaluator.classifier_scores(model, tokenizer, examples, batch, seq, "c"),
+        # 200 labels of 3-6 words: a trie too big for one forward, so the evaluation's predictions search it;
+        # every prefix in reach runs (no margin), so the search's columns fill the cache to its bound.
+        "label search": lambda: evaluator.predict_label_scores(
+            model, tokenizer, examples, [" ".join(rng.choices(words, k=rng.randint(3, 6))) for _ in range(200)],
+            batch, seq, "s"),
     }
+    monkeypatch.setattr(evaluator, "SEARCH_MARGIN", float("inf"))
     with live_memory.PeakLiveBytes(existing=model) as peak:
         runs[kind]()
     result = estimate(shape, Settings(seq=seq, method="full", dtype="fp32", attn=attn, head="classifier" if kind ==
-                                      "classifier" else "causal", num_labels=3, eval_kind=kind, eval_batch=batch,
-                                      max_new_tokens=16, device="cpu"))
+                                      "classifier" else "causal", num_labels=3, eval_kind="labels" if "label" in kind else kind,
+                                      eval_batch=batch, max_new_tokens=16, device="cpu"))
     assert peak.peak <= result.evaluation_bytes
     assert peak.peak >= 0.75 * result.evaluation_bytes, (peak.peak, result.evaluation_bytes)
 
@@ -391,4 +397,6 @@ def test_the_evaluation_phase_uses_the_evaluators_own_chunk_sizes():
     from ftkit import estimator, evaluator
 
     assert estimator.LABEL_TOKENS_PER_ROW == evaluator.ANSWER_TOKENS_PER_FORWARD
+    assert estimator.LABEL_SEARCH_COLUMNS == evaluator.SEARCH_COLUMNS
+    assert estimator.LABEL_SEARCH_QUERIES == evaluator.SEARCH_PREFIXES_PER_ROUND
     assert estimator.NLL_POSITIONS == evaluator.NLL_POSITIONS

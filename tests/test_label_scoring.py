@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -294,3 +295,110 @@ def test_evaluate_passes_the_recipes_score_options_on(monkeypatch):
     model = SimpleNamespace(training=False, eval=lambda: None, train=lambda mode: None)
     evaluate(model, None, task, EXAMPLES[:2], "causal", ["a", "b"], recipe, "test")
     assert seen == {"score": "mean", "calibrate": True}
+
+
+# The best-first search (predict_label_scores under `sum` and `constrained`): same labels as the brute force.
+
+#: Ten labels in a trie of several levels, one of them twice (the first of equals wins, as in argmax).
+MANY = ["happy", "happy and calm", "happy but tired", "sad", "sad and angry", "calm", "calm and happy",
+        "angry", "angry and sad", "happy"]
+
+
+def brute_force_labels(model, tokenizer, examples, labels, max_len, score):
+    scores = label_scores_brute_force(model, tokenizer, examples, labels, 2, max_len, "brute", score=score)
+    return [labels[j] for j in scores.argmax(-1).tolist()]
+
+
+def label_columns(model, run) -> tuple[object, int]:
+    """``run()``'s result and the tokens its forwards ran after the prompts (every forward with a KV cache
+    after the prompts' own)."""
+    widths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        hook.remove()
+    return result, widths
+
+
+@pytest.mark.parametrize("labels", [SHARED_FIRST, MANY], ids=["5 labels", "10 labels, one twice"])
+@pytest.mark.parametrize("max_len", [256, 24], ids=["prompts whole", "prompts cut"])
+@pytest.mark.parametrize("score", ["sum", "constrained"])
+@pytest.mark.parametrize(("per_round", "columns"), [(32, 256), (1, 256), (1, 3)],
+                         ids=["rounds of 32", "one prefix a round", "cache full after 3 columns"])
+def test_search_picks_the_brute_forces_labels(model, tokenizer, monkeypatch, labels, max_len, score, per_round,
+                                              columns):
+    from ftkit import evaluator
+
+    # Search however few trie nodes there are; one prefix a round keeps ancestors in the KV cache
+    # longest; a full cache leaves the prompts still searching to score every label.
+    monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 0)
+    monkeypatch.setattr(evaluator, "SEARCH_PREFIXES_PER_ROUND", per_round)
+    monkeypatch.setattr(evaluator, "SEARCH_COLUMNS", columns)
+    for examples in (EXAMPLES, SHARED_PROMPT):
+        searched, widths = label_columns(model, partial(evaluator.predict_label_scores, model, tokenizer, examples,
+                                                        labels, 2, max_len, "search", score=score))
+        assert searched == brute_force_labels(model, tokenizer, examples, labels, max_len, score)
+        assert len(widths) > 1 + 3  # the shared start, 3 batches of prompts, then the search's rounds
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_search_picks_the_brute_forces_labels_with_each_attention_and_a_lora_adapter(tokenizer, monkeypatch, attention):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftkit import evaluator
+
+    monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32, attn_implementation=attention)
+    torch.manual_seed(0)
+    wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False)).eval()
+    for score in ("sum", "constrained"):
+        searched = evaluator.predict_label_scores(wrapped, tokenizer, EXAMPLES, MANY, 3, 24, "search", score=score)
+        assert searched == brute_force_labels(wrapped, tokenizer, EXAMPLES, MANY, 24, score)
+
+
+@pytest.fixture(scope="module")
+def confident():
+    """The tiny model trained until it answers each of four examples with its own label of MANY."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.evaluator import _pad
+    from ftkit.prepare import encode_causal
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    examples = [replace(e, target=label, references=(label,))
+                for e, label in zip(EXAMPLES[:4], ["sad and angry", "calm and happy", "happy but tired", "angry"])]
+    batch = _pad(tokenizer, [encode_causal(tokenizer, e, 256) for e in examples], "cpu")
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer, examples
+
+
+def test_a_confident_model_runs_few_of_the_tries_nodes(confident, monkeypatch):
+    from ftkit import evaluator
+    from ftkit.evaluator import _label_prompts, _trie_columns
+
+    model, tokenizer, examples = confident
+    monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 0)
+    brute = label_scores_brute_force(model, tokenizer, examples, MANY, 4, 256, "brute")
+    assert [MANY[j] for j in brute.argmax(-1).tolist()] == [e.target for e in examples]
+    assert (brute.max(-1).values > math.log(0.5)).all()  # each answer more likely than not
+    searched, widths = label_columns(model, lambda: evaluator.predict_label_scores(
+        model, tokenizer, examples, MANY, 4, 256, "search"))
+    assert searched == [e.target for e in examples]
+    _, answers = _label_prompts(tokenizer, examples, MANY, 256)
+    trie = sum(_trie_columns(row, constrained=False) for row in answers)
+    # The shared start and the prompts ran first; then the search ran under a third of the trie's nodes.
+    assert 0 < sum(widths[2:]) < trie / 3
+    longest = max(len(a) for a in answers[0]) - 1
+    assert len(widths) - 2 <= longest  # about one round per answer token: the winner's path, nothing wide
