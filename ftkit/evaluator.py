@@ -474,6 +474,18 @@ def _prompt_batches(model, tokenizer, prompts: list[_Prompt], batch_size: int, d
         yield batch, out.logits[:, -1], getattr(out, cache_name), mask, positions
 
 
+def _keep_columns(cache, start: int, kept: list[list[int]]) -> None:  # noqa: ANN001
+    """Keep, in each row ``r`` of ``cache``, its first ``start`` columns and then the columns ``start +
+    kept[r][i]`` (every row the same number), in place."""
+    import torch
+
+    for layer in cache.layers:
+        index = torch.tensor(kept, device=layer.keys.device)[:, None, :, None]
+        index = index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, start:].gather(2, index)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, start:].gather(2, index)], dim=2)
+
+
 def _trie_groups(items: list[int], paths: list[list[list[int]]]) -> list[list[int]]:
     """``items`` (labels) in consecutive groups whose tries hold at most ANSWER_TOKENS_PER_FORWARD
     nodes in every row (at least one item each).
@@ -638,11 +650,9 @@ def predict_label_scores(model, tokenizer, examples: list[Example], labels: list
 SEARCH_PREFIXES_PER_ROUND = 32
 SEARCH_MARGIN = 4.0
 #: Columns (prefixes run, with padding) a prompt's KV cache may hold after the prompt during the
-#: search; beyond it, the batch scores every label instead (:func:`_batch_answer_logprobs`), having
-#: spent the search for nothing. The estimator counts this bound, so it is kept near the trie's
-#: 64: SmolLM2 zero-shot at BANKING77's 77 intents runs ~180-215 columns with the task's prompt, but
-#: with the labels listed in the prompt it reaches the bound, and that evaluation takes ~1.4x the
-#: trie's time (at 512 it would take the trie's, and every estimate would count 448 columns more).
+#: search (the estimator counts this bound). When full, the cache keeps only the columns the
+#: prefixes still to run descend from; should those not fit, the batch scores every label instead
+#: (:func:`_batch_answer_logprobs`), having spent the search for nothing.
 SEARCH_COLUMNS = 256
 
 
@@ -660,6 +670,13 @@ def best_labels(model, tokenizer, examples: list[Example], labels: list[str], ba
     earlier rounds, as the later ones' ancestors (:func:`_best_first`). Ties at the last float bit
     may go either way, as between the fast path and the brute force.
     """
+    return [label for label, _ in _best_labels_and_scores(model, tokenizer, examples, labels, batch_size, max_len,
+                                                          desc, constrained)]
+
+
+def _best_labels_and_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int,  # noqa: ANN001
+                            max_len: int, desc: str, constrained: bool) -> list[tuple[int, float]]:
+    """:func:`best_labels`, each with its score."""
     import torch
 
     if not examples:
@@ -670,22 +687,23 @@ def best_labels(model, tokenizer, examples: list[Example], labels: list[str], ba
         # A trie that runs in one forward per batch: the search's rounds cannot take less.
         scores = label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc,
                               score="constrained" if constrained else "sum")
-        return scores.argmax(-1).tolist()
-    best = [0] * len(examples)
+        return list(zip(scores.argmax(-1).tolist(), scores.max(-1).values.tolist()))
+    best: list[tuple[int, float]] = [(0, 0.0)] * len(examples)
     cache_name, keeps_logits = _forward_arguments(model)
     with torch.inference_mode():
         for batch, last_logits, cache, mask, positions in _prompt_batches(model, tokenizer, prompts, batch_size,
                                                                           desc):
             found = _best_first(model, cache, mask, positions[:, -1], last_logits, [answers[p.example] for p in batch],
                                 constrained, tokenizer.pad_token_id, cache_name, keeps_logits)
-            for p, j in zip(batch, found):
-                best[p.example] = j
+            for p, pick in zip(batch, found):
+                best[p.example] = pick
     return best
 
 
 def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers: list[list[list[int]]],  # noqa: ANN001, PLR0913
-                constrained: bool, pad_id: int, cache_name: str, keeps_logits: bool) -> list[int]:
-    """The best label of each prompt (a row of ``answers``), by best-first search (see :func:`best_labels`).
+                constrained: bool, pad_id: int, cache_name: str, keeps_logits: bool) -> list[tuple[int, float]]:
+    """The best label of each prompt (a row of ``answers``) and its score, by best-first search (see
+    :func:`best_labels`).
 
     ``first_logits``: each prompt's next-token logits, which score the labels' first tokens. A
     prefix's column (input: its last token, at the prompt's end plus its length) attends to the
@@ -745,13 +763,13 @@ def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers
             # A prefix scoring no more than the best label so far can never lead to a better one.
             frontier[b] = {prefix: score for prefix, score in frontier[b].items() if score > best[b][0]}
             top = max(frontier[b].values(), default=0.0)
-            # Filling a row's spare columns with prefixes further down ran more in all: each one run
-            # too early may turn out to be below the best label, and its followers join the frontier.
+            # Only prefixes near the top run: one further down may turn out to be below the best
+            # label, and run early its followers would join the frontier.
             near = sorted((score, prefix) for prefix, score in frontier[b].items() if score >= top - SEARCH_MARGIN)
             if near:
                 chosen[b] = [prefix for _, prefix in near[::-1][:SEARCH_PREFIXES_PER_ROUND]]
         if not chosen:
-            return [label for _, label in best]
+            return [(label, score) for score, label in best]
         width = max(len(prefixes) for prefixes in chosen.values())
         if len(chosen) < len(live):  # done prompts leave the batch: no padding columns run for them
             keep = [r for r, b in enumerate(live) if b in chosen]
@@ -760,11 +778,24 @@ def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers
             live = [live[r] for r in keep]
         if run + width > SEARCH_COLUMNS:
             # The KV cache holds at most SEARCH_COLUMNS columns after the prompts (the estimator's bound):
-            # the batch scores every label instead, after its prompts' cache (no copy of it but the trie's).
+            # it keeps only the columns the prefixes still to run descend from (not those of prefixes
+            # below the best label, nor padding).
+            needed = [sorted({columns[b][prefix[:n]] for prefix in frontier[b] for n in range(1, len(prefix))})
+                      for b in live]
+            run = max(map(len, needed))
+            if run + width <= SEARCH_COLUMNS:
+                _keep_columns(grown, live_mask.shape[1], [kept + kept[-1:] * (run - len(kept)) if kept else [0] * run
+                                                          for kept in needed])
+                for b, kept in zip(live, needed):
+                    at = {column: n for n, column in enumerate(kept)}
+                    columns[b] = {prefix: at[column] for prefix, column in columns[b].items() if column in at}
+        if run + width > SEARCH_COLUMNS:
+            # Still too many: the batch scores every label instead, after its prompts' cache (no copy
+            # of it but the trie's).
             grown = arguments = None  # frees the search's columns
             total, _ = _batch_answer_logprobs(model, answers, tries, first_logits, cache, prompt_mask, last_positions,
                                               constrained, pad_id, cache_name, keeps_logits)
-            return total.argmax(-1).tolist()
+            return list(zip(total.argmax(-1).tolist(), total.max(-1).values.tolist()))
         inputs = torch.full((len(live), width), pad_id, dtype=torch.long)
         depth = torch.zeros((len(live), width), dtype=torch.long)
         sees_run = torch.zeros((len(live), width, run + width), dtype=torch.bool)

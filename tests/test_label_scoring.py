@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -304,42 +303,41 @@ MANY = ["happy", "happy and calm", "happy but tired", "sad", "sad and angry", "c
         "angry", "angry and sad", "happy"]
 
 
-def brute_force_labels(model, tokenizer, examples, labels, max_len, score):
-    scores = label_scores_brute_force(model, tokenizer, examples, labels, 2, max_len, "brute", score=score)
-    return [labels[j] for j in scores.argmax(-1).tolist()]
+def assert_searches_like_the_brute_force(model, tokenizer, examples, labels, max_len, score, batch_size=2) -> list:
+    """The search's best labels and their scores are the brute force's; the decoder forwards' widths."""
+    from ftkit.evaluator import _best_labels_and_scores
 
-
-def label_columns(model, run) -> tuple[object, int]:
-    """``run()``'s result and the tokens its forwards ran after the prompts (every forward with a KV cache
-    after the prompts' own)."""
     widths = []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(kwargs["input_ids"].numel()), with_kwargs=True)
     try:
-        result = run()
+        found = _best_labels_and_scores(model, tokenizer, examples, labels, batch_size, max_len, "search",
+                                        constrained=score == "constrained")
     finally:
         hook.remove()
-    return result, widths
+    brute = label_scores_brute_force(model, tokenizer, examples, labels, 2, max_len, "brute", score=score)
+    assert [j for j, _ in found] == brute.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor([value for _, value in found]), brute.max(-1).values, rtol=1e-5, atol=1e-4)
+    return widths
 
 
 @pytest.mark.parametrize("labels", [SHARED_FIRST, MANY], ids=["5 labels", "10 labels, one twice"])
 @pytest.mark.parametrize("max_len", [256, 24], ids=["prompts whole", "prompts cut"])
 @pytest.mark.parametrize("score", ["sum", "constrained"])
-@pytest.mark.parametrize(("per_round", "columns"), [(32, 256), (1, 256), (1, 3)],
-                         ids=["rounds of 32", "one prefix a round", "cache full after 3 columns"])
+@pytest.mark.parametrize(("per_round", "columns"), [(32, 256), (1, 256), (1, 6), (1, 1)],
+                         ids=["rounds of 32", "one prefix a round", "cache kept to 6 columns", "cache full"])
 def test_search_picks_the_brute_forces_labels(model, tokenizer, monkeypatch, labels, max_len, score, per_round,
                                               columns):
     from ftkit import evaluator
 
     # Search however few trie nodes there are; one prefix a round keeps ancestors in the KV cache
-    # longest; a full cache leaves the prompts still searching to score every label.
+    # longest; a cache of 6 columns keeps only the ancestors of prefixes still to run; one too small
+    # for those leaves the batch to score every label.
     monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 0)
     monkeypatch.setattr(evaluator, "SEARCH_PREFIXES_PER_ROUND", per_round)
     monkeypatch.setattr(evaluator, "SEARCH_COLUMNS", columns)
     for examples in (EXAMPLES, SHARED_PROMPT):
-        searched, widths = label_columns(model, partial(evaluator.predict_label_scores, model, tokenizer, examples,
-                                                        labels, 2, max_len, "search", score=score))
-        assert searched == brute_force_labels(model, tokenizer, examples, labels, max_len, score)
+        widths = assert_searches_like_the_brute_force(model, tokenizer, examples, labels, max_len, score)
         assert len(widths) > 1 + 3  # the shared start, 3 batches of prompts, then the search's rounds
 
 
@@ -356,8 +354,11 @@ def test_search_picks_the_brute_forces_labels_with_each_attention_and_a_lora_ada
     wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                               init_lora_weights=False)).eval()
     for score in ("sum", "constrained"):
-        searched = evaluator.predict_label_scores(wrapped, tokenizer, EXAMPLES, MANY, 3, 24, "search", score=score)
-        assert searched == brute_force_labels(wrapped, tokenizer, EXAMPLES, MANY, 24, score)
+        assert_searches_like_the_brute_force(wrapped, tokenizer, EXAMPLES, MANY, 24, score, batch_size=3)
+        # What an evaluation calls: the labels themselves.
+        predicted = evaluator.predict_label_scores(wrapped, tokenizer, EXAMPLES, MANY, 3, 24, "search", score=score)
+        scores = label_scores_brute_force(wrapped, tokenizer, EXAMPLES, MANY, 3, 24, "brute", score=score)
+        assert predicted == [MANY[j] for j in scores.argmax(-1).tolist()]
 
 
 @pytest.fixture(scope="module")
@@ -393,9 +394,7 @@ def test_a_confident_model_runs_few_of_the_tries_nodes(confident, monkeypatch):
     brute = label_scores_brute_force(model, tokenizer, examples, MANY, 4, 256, "brute")
     assert [MANY[j] for j in brute.argmax(-1).tolist()] == [e.target for e in examples]
     assert (brute.max(-1).values > math.log(0.5)).all()  # each answer more likely than not
-    searched, widths = label_columns(model, lambda: evaluator.predict_label_scores(
-        model, tokenizer, examples, MANY, 4, 256, "search"))
-    assert searched == [e.target for e in examples]
+    widths = assert_searches_like_the_brute_force(model, tokenizer, examples, MANY, 256, "sum", batch_size=4)
     _, answers = _label_prompts(tokenizer, examples, MANY, 256)
     trie = sum(_trie_columns(row, constrained=False) for row in answers)
     # The shared start and the prompts ran first; then the search ran under a third of the trie's nodes.
