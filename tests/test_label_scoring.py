@@ -322,12 +322,12 @@ def assert_searches_like_the_brute_force(model, tokenizer, examples, labels, max
 
 
 @pytest.mark.parametrize("labels", [SHARED_FIRST, MANY], ids=["5 labels", "10 labels, one twice"])
-@pytest.mark.parametrize("max_len", [256, 24], ids=["prompts whole", "prompts cut"])
 @pytest.mark.parametrize("score", ["sum", "constrained"])
-@pytest.mark.parametrize(("per_round", "columns"), [(32, 256), (1, 256), (1, 6), (1, 1)],
-                         ids=["rounds of 32", "one prefix a round", "cache kept to 6 columns", "cache full"])
-def test_search_picks_the_brute_forces_labels(model, tokenizer, monkeypatch, labels, max_len, score, per_round,
-                                              columns):
+@pytest.mark.parametrize(("per_round", "columns", "max_len"), [(32, 256, 256), (1, 256, 24), (1, 6, 256), (1, 1, 24)],
+                         ids=["rounds of 32", "one prefix a round, prompts cut", "cache kept to 6 columns",
+                              "cache full, prompts cut"])
+def test_search_picks_the_brute_forces_labels(model, tokenizer, monkeypatch, labels, score, per_round, columns,
+                                              max_len):
     from ftkit import evaluator
 
     # Search however few trie nodes there are; one prefix a round keeps ancestors in the KV cache
