@@ -759,23 +759,22 @@ def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers
     grown, live = _cache_rows(cache), list(range(rows))  # the prompts still searching: grown's rows
     live_mask, live_positions = prompt_mask, last_positions
     while True:
-        chosen = {}
+        chosen, ranked = {}, {}
         for b in live:
             # A prefix scoring no more than the best label so far can never lead to a better one.
             frontier[b] = {prefix: score for prefix, score in frontier[b].items() if score > best[b][0]}
-            top = max(frontier[b].values(), default=0.0)
+            ranked[b] = sorted(((score, prefix) for prefix, score in frontier[b].items()), reverse=True)
             # The prefixes near the top run; how many sets the round's width.
-            near = sorted((score, prefix) for prefix, score in frontier[b].items() if score >= top - SEARCH_MARGIN)
+            near = sum(score >= ranked[b][0][0] - SEARCH_MARGIN for score, _ in ranked[b])
             if near:
-                chosen[b] = [prefix for _, prefix in near[::-1][:SEARCH_PREFIXES_PER_ROUND]]
+                chosen[b] = [prefix for _, prefix in ranked[b][:min(near, SEARCH_PREFIXES_PER_ROUND)]]
         if not chosen:
             return [(label, score) for score, label in best]
         width = max(len(prefixes) for prefixes in chosen.values())
         # A row with fewer runs its next prefixes in its spare columns, which would run padding: at
         # 77 intents (SmolLM2 zero-shot, 16 examples) 4,617 -> 3,565 tokens, 176 -> 177 prefixes run.
         for b, prefixes in chosen.items():
-            ranked = sorted(((score, prefix) for prefix, score in frontier[b].items()), reverse=True)
-            prefixes[len(prefixes):] = [prefix for _, prefix in ranked[len(prefixes):width]]
+            prefixes[len(prefixes):] = [prefix for _, prefix in ranked[b][len(prefixes):width]]
         if len(chosen) < len(live):  # done prompts leave the batch: no padding columns run for them
             keep = [r for r, b in enumerate(live) if b in chosen]
             grown.batch_select_indices(torch.tensor(keep, device=device))
