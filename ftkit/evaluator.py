@@ -426,7 +426,8 @@ def _batch_answer_logprobs(model, answers: list[list[list[int]]], tries, last_lo
         _allowed([trie[()] for trie in tries], device) if constrained else None).cpu()
     count[b, j] = torch.tensor([len(answers[r][c]) for r, c in rows])
     # The labels' later tokens, as tries of about ANSWER_TOKENS_PER_FORWARD nodes per prompt.
-    depths = [{j: _scored_depths(row[j], trie, constrained) for j in range(labels)} for row, trie in zip(answers, tries)]
+    depths = [{j: _scored_depths(row[j], trie, constrained) for j in range(labels)}
+              for row, trie in zip(answers, tries)]
     longer = [j for j in range(labels) if any(d[j] for d in depths)]
     # Sorted by their tokens, labels that share a prefix land in the same trie.
     longer.sort(key=lambda j: answers[0][j])
@@ -738,7 +739,8 @@ def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers
             frontier[b][prefix] = score
 
     def grow(expanded: list[tuple[int, tuple[int, ...], float]], states_logprobs) -> None:  # noqa: ANN001
-        """Reach the followers of each expanded ``(row, prefix, score)``, scored by ``states_logprobs(nodes, tokens, allowed)``."""
+        """Reach the followers of each expanded ``(row, prefix, score)``, scored by
+        ``states_logprobs(nodes, tokens, allowed)``."""
         entries = [(n, b, prefix + (token,), score) for n, (b, prefix, score) in enumerate(expanded)
                    for token in tries[b][prefix]]
         node = torch.tensor([n for n, *_ in entries], dtype=torch.long, device=device)

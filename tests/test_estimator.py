@@ -386,9 +386,10 @@ def test_an_evaluation_stays_within_its_estimated_phase(kind, attn, monkeypatch)
     monkeypatch.setattr(evaluator, "SEARCH_MARGIN", float("inf"))
     with live_memory.PeakLiveBytes(existing=model) as peak:
         runs[kind]()
+    eval_kind = "labels" if kind == "label search" else kind
     result = estimate(shape, Settings(seq=seq, method="full", dtype="fp32", attn=attn, head="classifier" if kind ==
-                                      "classifier" else "causal", num_labels=3, eval_kind="labels" if "label" in kind else kind,
-                                      eval_batch=batch, max_new_tokens=16, device="cpu"))
+                                      "classifier" else "causal", num_labels=3, eval_kind=eval_kind, eval_batch=batch,
+                                      max_new_tokens=16, device="cpu"))
     assert peak.peak <= result.evaluation_bytes
     assert peak.peak >= 0.75 * result.evaluation_bytes, (peak.peak, result.evaluation_bytes)
 
