@@ -75,7 +75,8 @@ def main() -> None:
         trie = decoder_tokens(case_model, partial(evaluator.label_scores, case_model, case_tokenizer, examples, labels,
                                                   BATCH_SIZE, MAX_SEQ_LEN, ""))
         _, answers = evaluator._label_prompts(case_tokenizer, examples, labels, MAX_SEQ_LEN)
-        nodes = sum(evaluator._trie_columns(row, constrained=False) for row in answers) / len(examples)
+        nodes = sum(evaluator._trie_columns(row, evaluator._answer_trie(row), constrained=False)
+                    for row in answers) / len(examples)
         print(f"{name:>18} {len(examples):>8} {nodes:>10.0f} {run:>12.0f} {padded:>12.0f} {search:>14,} {trie:>9,}")
 
 

@@ -294,9 +294,9 @@ def _scored_depths(answer: list[int], trie: dict[tuple[int, ...], list[int]], co
     return [n for n in range(1, len(answer)) if not constrained or len(trie[tuple(answer[:n])]) > 1]
 
 
-def _trie_columns(answers: list[list[int]], constrained: bool) -> int:
-    """How many trie nodes :func:`answer_logprobs` runs after a prompt to score these answers."""
-    trie = _answer_trie(answers)
+def _trie_columns(answers: list[list[int]], trie: dict[tuple[int, ...], list[int]], constrained: bool) -> int:
+    """How many trie nodes :func:`answer_logprobs` runs after a prompt to score these answers (``trie``:
+    their :func:`_answer_trie`)."""
     return len({tuple(answer[:n]) for answer in answers
                 for n in range(1, max(_scored_depths(answer, trie, constrained), default=0) + 1)})
 
@@ -387,15 +387,22 @@ def answer_logprobs(model, tokenizer, examples: list[Example], labels: list[str]
     Vocabulary logits are computed only at the positions scored (``logits_to_keep``). A model whose
     attention takes no custom mask (flash attention) is scored by the brute force instead.
     """
-    import torch
-
     if not _takes_label_masks(model):
         return answer_logprobs_brute_force(model, tokenizer, examples, labels, batch_size, max_len, desc,
                                            constrained=constrained)
     prompts, answers = _label_prompts(tokenizer, examples, labels, max_len)
-    tries = [_answer_trie(row) for row in answers]
-    total = torch.zeros((len(examples), len(labels)))
-    count = torch.zeros((len(examples), len(labels)), dtype=torch.long)
+    return _prompts_answer_logprobs(model, tokenizer, prompts, answers, [_answer_trie(row) for row in answers],
+                                    len(labels), batch_size, desc, constrained)
+
+
+def _prompts_answer_logprobs(model, tokenizer, prompts: list[_Prompt], answers: list[list[list[int]]], tries,  # noqa: ANN001, ANN202
+                             labels: int, batch_size: int, desc: str, constrained: bool):
+    """:func:`answer_logprobs` of prompts and answers already tokenized (:func:`_label_prompts`), with
+    the answers' tries."""
+    import torch
+
+    total = torch.zeros((len(prompts), labels))
+    count = torch.zeros((len(prompts), labels), dtype=torch.long)
     cache_name, keeps_logits = _forward_arguments(model)
     with torch.inference_mode():
         for batch, last_logits, cache, mask, positions in _prompt_batches(model, tokenizer, prompts, batch_size,
@@ -683,12 +690,17 @@ def _best_labels_and_scores(model, tokenizer, examples: list[Example], labels: l
 
     if not examples:
         return []
+    if not _takes_label_masks(model):
+        scores, _ = answer_logprobs_brute_force(model, tokenizer, examples, labels, batch_size, max_len, desc,
+                                                constrained=constrained)
+        return list(zip(scores.argmax(-1).tolist(), scores.max(-1).values.tolist()))
     prompts, answers = _label_prompts(tokenizer, examples, labels, max_len)
-    if (not _takes_label_masks(model)
-            or max(_trie_columns(row, constrained) for row in answers) <= ANSWER_TOKENS_PER_FORWARD):
-        # A trie that runs in one forward per batch: the search's rounds cannot take less.
-        scores = label_scores(model, tokenizer, examples, labels, batch_size, max_len, desc,
-                              score="constrained" if constrained else "sum")
+    tries = [_answer_trie(row) for row in answers]
+    if max(_trie_columns(row, trie, constrained) for row, trie in zip(answers, tries)) <= ANSWER_TOKENS_PER_FORWARD:
+        # A trie that runs in one forward per batch: the search's rounds cannot take less. (Under
+        # `sum` and `constrained` a label's score is its summed log-prob.)
+        scores, _ = _prompts_answer_logprobs(model, tokenizer, prompts, answers, tries, len(labels), batch_size, desc,
+                                             constrained)
         return list(zip(scores.argmax(-1).tolist(), scores.max(-1).values.tolist()))
     best: list[tuple[int, float]] = [(0, 0.0)] * len(examples)
     cache_name, keeps_logits = _forward_arguments(model)
@@ -696,16 +708,17 @@ def _best_labels_and_scores(model, tokenizer, examples: list[Example], labels: l
         for batch, last_logits, cache, mask, positions in _prompt_batches(model, tokenizer, prompts, batch_size,
                                                                           desc):
             found = _best_first(model, cache, mask, positions[:, -1], last_logits, [answers[p.example] for p in batch],
-                                constrained, tokenizer.pad_token_id, cache_name, keeps_logits)
+                                [tries[p.example] for p in batch], constrained, tokenizer.pad_token_id, cache_name,
+                                keeps_logits)
             for p, pick in zip(batch, found):
                 best[p.example] = pick
     return best
 
 
-def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers: list[list[list[int]]],  # noqa: ANN001, PLR0913
+def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers: list[list[list[int]]], tries,  # noqa: ANN001, PLR0913
                 constrained: bool, pad_id: int, cache_name: str, keeps_logits: bool) -> list[tuple[int, float]]:
-    """The best label of each prompt (a row of ``answers``) and its score, by best-first search (see
-    :func:`best_labels`).
+    """The best label of each prompt (a row of ``answers``, with its :func:`_answer_trie` in ``tries``)
+    and its score, by best-first search (see :func:`best_labels`).
 
     ``first_logits``: each prompt's next-token logits, which score the labels' first tokens. A
     prefix's column (input: its last token, at the prompt's end plus its length) attends to the
@@ -715,7 +728,6 @@ def _best_first(model, cache, prompt_mask, last_positions, first_logits, answers
     import torch
 
     device, rows = prompt_mask.device, len(answers)
-    tries = [_answer_trie(row) for row in answers]
     complete: list[dict[tuple[int, ...], int]] = []  # a label's whole answer → the label (the first of equals)
     single: list[dict[tuple[int, ...], int]] = []  # a prefix of one label's answer only → that label
     for row in answers:

@@ -387,7 +387,7 @@ def confident():
 
 def test_a_confident_model_runs_few_of_the_tries_nodes(confident, monkeypatch):
     from ftkit import evaluator
-    from ftkit.evaluator import _label_prompts, _trie_columns
+    from ftkit.evaluator import _answer_trie, _label_prompts, _trie_columns
 
     model, tokenizer, examples = confident
     monkeypatch.setattr(evaluator, "ANSWER_TOKENS_PER_FORWARD", 0)
@@ -396,7 +396,7 @@ def test_a_confident_model_runs_few_of_the_tries_nodes(confident, monkeypatch):
     assert (brute.max(-1).values > math.log(0.5)).all()  # each answer more likely than not
     widths = assert_searches_like_the_brute_force(model, tokenizer, examples, MANY, 256, "sum", batch_size=4)
     _, answers = _label_prompts(tokenizer, examples, MANY, 256)
-    trie = sum(_trie_columns(row, constrained=False) for row in answers)
+    trie = sum(_trie_columns(row, _answer_trie(row), constrained=False) for row in answers)
     # The shared start and the prompts ran first; then the search ran under a third of the trie's nodes.
     assert 0 < sum(widths[2:]) < trie / 3
     longest = max(len(a) for a in answers[0]) - 1
